@@ -58,8 +58,15 @@ TITLES = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="seed for every random draw (same seed, same numbers)")
     p.add_argument("--steps", type=int, default=1500, help="training steps per panel")
