@@ -1,0 +1,733 @@
+"""Distribution Matching Distillation: a diffusion teacher -> a one-step generator.
+
+Paper: Yin, Gharbi, Zhang, Shechtman, Durand, Freeman, Park, "One-step Diffusion with Distribution Matching
+Distillation", arXiv:2311.18828. Algorithm 1, Eqs. 3-9, Appendix B hyperparameters.
+
+Run
+  python dmd.py --dataset imagenet64                  # EDM ImageNet-64 teacher (hub), paper defaults
+  python dmd.py --dataset cifar10                     # google/ddpm-cifar10-32 (unconditional DDPM)
+  python dmd.py --teacher sd15 --prompts prompts.txt  # Stable Diffusion 1.5, real score with CFG 3
+  python dmd.py --teacher PATH --reg-loss l2          # any local diffusers UNet2DModel (+ its schedule)
+  accelerate launch dmd.py ...   (or torchrun --nproc_per_node N dmd.py ...)   # data-parallel, several GPUs
+
+Equation map (paper, equation -> function)
+  DMD Eq. 3     forward diffusion x_t = alpha_t x + sigma_t eps                 -> add_noise
+  DMD Eq. 4-6   score of a denoiser, s = -(x_t - alpha_t mu) / sigma_t^2       -> score_from_x0
+  DMD Eq. 5-6   fake-score denoising loss ||mu_fake(x_t, t) - x||^2            -> denoising_loss
+  DMD Eq. 7     distribution-matching gradient w_t alpha_t (s_fake - s_real)    -> distribution_matching_grad
+  DMD Eq. 7     as a loss whose gradient w.r.t. x is that gradient             -> distribution_matching_loss
+  DMD Eq. 8     w_t = sigma_t^2 / alpha_t * C S / ||mu_real - x||_1 (+ Table 2) -> dmd_weight
+  DMD Eq. 9     regression loss l(G(z), y), l = LPIPS | L2 | Huber              -> regression_loss
+  DMD Alg. 1    the training loop                                               -> train
+  EDM Table 1   preconditioning c_skip, c_out, c_in, c_noise (Karras et al.)    -> edm_precond
+  EDM Alg. 1    deterministic Heun sampler (S_churn = 0), regression pairs      -> heun_sample
+  CFG           mu_uncond + g (mu_cond - mu_uncond) for the real score (SD)     -> Teacher.mu_real
+"""
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HUB = {
+    "imagenet64": ("dg845/diffusers-cm_edm_imagenet64_ema", "unet"),
+    "cifar10": ("google/ddpm-cifar10-32", None),
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", None),
+}
+# Appendix B / REFERENCE.md: per-setting paper defaults (lr, global batch, iterations, pairs, ODE steps, lambda_reg)
+PRESETS = {
+    "imagenet64": dict(lr=2e-6, batch_size=336, max_steps=350_000, num_pairs=25_000, ode_steps=256, lambda_reg=0.25),
+    "cifar10": dict(lr=5e-5, batch_size=392, max_steps=300_000, num_pairs=100_000, ode_steps=18, lambda_reg=0.5),
+    "sd15": dict(lr=1e-5, batch_size=2304, max_steps=20_000, num_pairs=500_000, ode_steps=25, lambda_reg=0.25),
+    "local": dict(lr=5e-5, batch_size=256, max_steps=10_000, num_pairs=10_000, ode_steps=18, lambda_reg=0.25),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fail(msg):
+    """A user-facing error: one line on stderr, exit code 2, no traceback."""
+    print(f"dmd.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = Parser(description="DMD (arXiv:2311.18828): distil a diffusion teacher into a one-step generator.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", choices=["imagenet64", "cifar10"], default=None,
+      help="paper setting with its hub teacher: EDM ImageNet-64 (class-cond.) or DDPM CIFAR-10 (uncond.)")
+    a("--teacher", default=None, help="'sd15', a hub id, or a local folder (diffusers UNet2DModel + schedule, "
+                                      "or a Stable Diffusion pipeline folder)")
+    a("--prompts", default=None, help="text-to-image: a file of prompts, one per line")
+    a("--guidance", type=float, default=3.0, help="classifier-free guidance of the real score (text-to-image)")
+    a("--output-dir", default="runs/dmd", help="samples, logs, checkpoints and the exported generator")
+    a("--max-steps", type=int, default=None, help="generator updates (default: the paper's for the setting)")
+    a("--batch-size", type=int, default=None,
+      help="global batch of generated samples per update, and as many regression pairs (paper's by default)")
+    a("--micro-batch", type=int, default=None, help="samples per forward pass per device (default: the largest "
+      "divisor of the per-device batch <= 32); the rest is gradient accumulation: batch = micro x devices x accum")
+    a("--lr", type=float, default=None, help="AdamW learning rate of both networks (paper's by default)")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    a("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
+    a("--grad-clip", type=float, default=10.0, help="gradient-norm clip of both networks")
+    a("--ema", type=float, default=0.0, help="EMA decay of the generator (0 = off); exported if on")
+    a("--lambda-reg", type=float, default=None, help="regression weight (paper: 0.25; 0.5 unconditional)")
+    a("--reg-loss", choices=["lpips", "l2", "huber"], default="lpips",
+      help="regression distance: LPIPS-VGG on 224^2 upsampled images (paper) or L2 / Huber")
+    a("--num-pairs", type=int, default=None, help="size of the (z, y) regression set (paper's by default)")
+    a("--ode-steps", type=int, default=None, help="Heun steps of the teacher ODE that builds the pairs")
+    a("--pairs-dir", default=None, help="where the pair shards live (default OUTPUT_DIR/pairs); reusable")
+    a("--shard-size", type=int, default=1000, help="pairs per shard file")
+    a("--no-dm", action="store_true", help="ablation (Table 2): drop the distribution-matching loss")
+    a("--no-reg", action="store_true", help="ablation (Table 2): drop the regression loss")
+    a("--weighting", choices=["eq8", "sigma_over_alpha", "sigma3_over_alpha"], default="eq8",
+      help="DM gradient weight w_t: Eq. 8 or the two alternatives of Table 3")
+    a("--t-min", type=float, default=0.02, help="DM / fake-score t ~ U[t_min T, t_max T]")
+    a("--t-max", type=float, default=0.98, help="see --t-min")
+    a("--resolution", type=int, default=512, help="text-to-image: image size (latents are 1/8)")
+    a("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
+    a("--compile", action="store_true", help="torch.compile the networks")
+    a("--seed", type=int, default=0, help="seed of every random draw")
+    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
+    a("--sample-every", type=int, default=1000, help="steps between sample grids")
+    a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    args = p.parse_args(argv)
+    if (args.dataset is None) == (args.teacher is None):
+        p.error("give exactly one of --dataset or --teacher")
+    args.kind = args.dataset or ("sd15" if args.teacher == "sd15" else "local")
+    for k, v in PRESETS[args.kind].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k in ("max_steps", "batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
+              "sample_every", "ckpt_every"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    if not 0 <= args.t_min < args.t_max <= 1:
+        p.error("need 0 <= --t-min < --t-max <= 1")
+    if args.no_dm and args.no_reg:
+        p.error("--no-dm and --no-reg together leave nothing to train")
+    if args.prompts and not os.path.isfile(args.prompts):
+        p.error(f"--prompts {args.prompts}: no such file")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA device is visible")
+    args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    args.pairs_dir = args.pairs_dir or os.path.join(args.output_dir, "pairs")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Math: schedules, preconditioning, the paper's equations (pure functions)
+# ----------------------------------------------------------------------------------------------------------
+def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM (Karras et al. 2022) Eq. 5 noise levels, ascending: sigma_0 = sigma_min ... sigma_{n-1} = sigma_max."""
+    i = torch.arange(n, dtype=torch.float64) / (n - 1)
+    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
+def edm_precond(sigma, sigma_data=0.5):
+    """EDM Table 1 preconditioning: D(x; s) = c_skip x + c_out F(c_in x; c_noise); c_noise = 0.25 ln s (the
+    OpenAI ImageNet-64 port feeds the UNet 1000 * c_noise). sigma: (B,) -> four (B,) tensors."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
+    return c_skip, c_out, c_in, 0.25 * sigma.log()
+
+
+def add_noise(x, eps, alpha, sigma):
+    """DMD Eq. 3: a draw of q_t(x_t | x) = N(alpha_t x, sigma_t^2 I). x, eps: (B, ...); alpha, sigma: (B, 1, ..)."""
+    return alpha * x + sigma * eps
+
+
+def score_from_x0(x_t, mu, alpha, sigma):
+    """DMD Eq. 4 (real) and Eq. 5-6 (fake): s(x_t, t) = -(x_t - alpha_t mu(x_t, t)) / sigma_t^2."""
+    return -(x_t - alpha * mu) / sigma ** 2
+
+
+def dmd_weight(x, mu_real, alpha, sigma, kind="eq8"):
+    """DMD Eq. 8: w_t = sigma_t^2 / alpha_t * C S / ||mu_real(x_t, t) - x||_1, per sample, (B, ...) -> (B, 1, ..).
+    kind 'sigma_over_alpha' / 'sigma3_over_alpha': the alternatives of DMD Table 3, w_t = sigma_t / alpha_t
+    and w_t = sigma_t^3 / alpha_t."""
+    if kind == "eq8":
+        norm = (mu_real - x).abs().flatten(1).mean(1).view((-1,) + (1,) * (x.dim() - 1))
+        return sigma ** 2 / alpha / norm
+    if kind == "sigma_over_alpha":
+        return sigma / alpha
+    if kind == "sigma3_over_alpha":
+        return sigma ** 3 / alpha
+    raise ValueError(kind)
+
+
+def distribution_matching_grad(x, x_t, mu_real, mu_fake, alpha, sigma, weighting="eq8"):
+    """DMD Eq. 7 integrand: w_t alpha_t (s_fake(x_t, t) - s_real(x_t, t)), the per-sample gradient of
+    D_KL(p_fake || p_real) w.r.t. the generator output x (dG/dtheta is applied by autograd). (B, ...).
+    With Eq. 8 this equals alpha_t (mu_fake - mu_real) / mean|mu_real - x|; with alpha = 1 (EDM) that is
+    the usual `(mu_fake - mu_real) / mean|mu_real - x|`. Computed in float32."""
+    x, x_t, mu_real, mu_fake = x.float(), x_t.float(), mu_real.float(), mu_fake.float()
+    s_real = score_from_x0(x_t, mu_real, alpha, sigma)
+    s_fake = score_from_x0(x_t, mu_fake, alpha, sigma)
+    return dmd_weight(x, mu_real, alpha, sigma, weighting) * alpha * (s_fake - s_real)
+
+
+def distribution_matching_loss(x, grad):
+    """DMD Eq. 7 as a loss: 0.5 * mean (x - sg(x - grad))^2, whose gradient w.r.t. x is grad / x.numel()."""
+    return 0.5 * F.mse_loss(x.float(), (x.float() - grad).detach())
+
+
+def denoising_loss(mu, x):
+    """DMD Eq. 5-6: ||mu_fake(x_t, t) - x||^2 on detached generator samples x (mean over elements)."""
+    return F.mse_loss(mu.float(), x.float())
+
+
+def regression_loss(g_z, y, kind, lpips_fn=None):
+    """DMD Eq. 9: E l(G(z), y) over regression pairs. kind 'lpips': LPIPS of images in [-1, 1] bilinearly
+    upsampled to 224 x 224 (grey images repeated to 3 channels); 'l2': mean squared error; 'huber': smooth L1."""
+    if kind == "l2":
+        return F.mse_loss(g_z.float(), y.float())
+    if kind == "huber":
+        return F.smooth_l1_loss(g_z.float(), y.float())
+    g_z, y = (F.interpolate(v.float(), size=(224, 224), mode="bilinear", align_corners=False) for v in (g_z, y))
+    if g_z.shape[1] == 1:
+        g_z, y = g_z.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+    return lpips_fn(g_z, y).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The teacher: one face for every kind, mu(x_t, t, cond) -> x0, alpha_t, sigma_t, a deterministic ODE sampler
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Teacher:
+    """A frozen diffusion model on a discrete schedule of T noise levels, t = 0 (least noise) ... T - 1.
+
+    formulation 'edm': x_t = x + sigma_t eps (alpha = 1), sigma_t = T Karras bins in [sigma_min, sigma_max],
+    EDM preconditioning. 'vp': x_t = alpha_t x + sigma_t eps, alpha_t^2 + sigma_t^2 = 1 (DDPM / Stable
+    Diffusion), the UNet predicting `prediction_type`. Everything is stored as r_t = sigma_t / alpha_t, so a
+    fractional t (the ODE sampler's) is a log-linear interpolation between table entries."""
+    unet: torch.nn.Module
+    formulation: str
+    log_r: torch.Tensor                 # (T,) log(sigma_t / alpha_t), ascending in t
+    prediction_type: str = "epsilon"
+    sigma_data: float = 0.5
+    noise_cond_scale: float = 1000.0    # EDM: the UNet sees noise_cond_scale * c_noise (OpenAI's port: 1000 * 0.25 ln s)
+    num_classes: int = 0                # > 0: class-conditional (integer labels)
+    text: bool = False                  # text-to-image (latent space, CFG on the real score)
+    guidance: float = 1.0
+    vae: object = None
+    text_encoder: object = None
+    tokenizer: object = None
+    source: str = ""
+
+    @property
+    def T(self):
+        return len(self.log_r)
+
+    def alpha_sigma(self, t):
+        """alpha_t, sigma_t for t: (B,) integer or fractional steps -> two (B,) float32 tensors."""
+        t = t.to(self.log_r.device, torch.float64).clamp(0, self.T - 1)
+        lo = t.floor().long().clamp(max=self.T - 2)
+        r = (self.log_r[lo] + (t - lo) * (self.log_r[lo + 1] - self.log_r[lo])).exp()
+        if self.formulation == "edm":
+            return torch.ones_like(r).float(), r.float()
+        alpha = 1 / (1 + r ** 2).sqrt()
+        return alpha.float(), (r * alpha).float()
+
+    def t_of_ratio(self, r):
+        """Inverse of r_t = sigma_t / alpha_t: the fractional step where the schedule has noise ratio r (float)."""
+        lr = math.log(r)
+        i = int(torch.searchsorted(self.log_r, torch.tensor(lr, dtype=self.log_r.dtype, device=self.log_r.device)))
+        i = min(max(i, 1), self.T - 1)
+        return i - 1 + (lr - self.log_r[i - 1].item()) / (self.log_r[i] - self.log_r[i - 1]).item()
+
+    def cond_kwargs(self, cond):
+        if self.text:
+            return {"encoder_hidden_states": cond}
+        return {"class_labels": cond} if self.num_classes else {}
+
+    def mu(self, net, x_t, t, cond):
+        """The denoiser x0_hat = mu(x_t, t) of `net` (the teacher's UNet, the fake score or the generator).
+        x_t: (B, C, H, W); t: (B,) steps; cond: labels (B,), text embeddings (B, L, D) or None."""
+        alpha, sigma = (v.view(-1, 1, 1, 1).to(x_t.device) for v in self.alpha_sigma(t))
+        if self.formulation == "edm":
+            c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+            out = net(c_in * x_t, (self.noise_cond_scale * c_noise).flatten(), **self.cond_kwargs(cond)).sample
+            return c_skip * x_t + c_out * out.float()
+        out = net(x_t, t.to(x_t.device), **self.cond_kwargs(cond)).sample.float()
+        if self.prediction_type == "epsilon":
+            return (x_t - sigma * out) / alpha
+        if self.prediction_type == "v_prediction":
+            return alpha * x_t - sigma * out
+        return out
+
+    def mu_real(self, x_t, t, cond, uncond=None):
+        """The real score's denoiser: the frozen teacher, with classifier-free guidance for text,
+        mu = mu(uncond) + g (mu(cond) - mu(uncond)) (linear, so the same in x0, eps or score space)."""
+        if not self.text or self.guidance == 1.0:
+            return self.mu(self.unet, x_t, t, cond)
+        both = self.mu(self.unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond.expand_as(cond), cond]))
+        m_u, m_c = both.chunk(2)
+        return m_u + self.guidance * (m_c - m_u)
+
+    def generator_input(self, z):
+        """DMD's generator is the teacher queried at the largest noise level: x_{T-1} = sigma_{T-1} z
+        (EDM: z * 80 at sigma = 80), with t = T - 1. Returns (x, t)."""
+        t = torch.full((len(z),), self.T - 1, device=z.device)
+        return z * self.alpha_sigma(t)[1].to(z.device).view(-1, 1, 1, 1), t
+
+    @torch.no_grad()
+    def heun_sample(self, z, cond, steps, uncond=None, rho=7.0):
+        """EDM Algorithm 1 (deterministic Heun, S_churn = 0) on the probability-flow ODE in the variables
+        x~ = x / alpha, r = sigma / alpha (for EDM these are x and sigma): dx~/dr = (x~ - D(x~; r)) / r, from
+        r_max = r_{T-1} to 0 over `steps` Karras-spaced levels (2 steps - 1 teacher calls). z: (B, C, H, W)."""
+        r_min, r_max = self.log_r[0].exp().item(), self.log_r[-1].exp().item()
+        rs = karras_sigmas(steps, r_min, r_max, rho).flip(0).tolist() + [0.0]
+
+        def D(x, r):
+            t = torch.full((len(x),), self.t_of_ratio(r), device=x.device)
+            alpha = self.alpha_sigma(t)[0].to(x.device).view(-1, 1, 1, 1)
+            return self.mu_real(alpha * x, t, cond, uncond)
+
+        x = z * r_max
+        for r, r_next in zip(rs[:-1], rs[1:]):
+            d = (x - D(x, r)) / r
+            x_next = x + (r_next - r) * d
+            if r_next > 0:
+                x_next = x + (r_next - r) * (d + (x_next - D(x_next, r_next)) / r_next) / 2
+            x = x_next
+        return x
+
+
+def _from_pretrained(cls, where, **kw):
+    """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails."""
+    import logging
+    import warnings
+    quiet = [logging.getLogger(n) for n in ("huggingface_hub", "diffusers", "transformers")]
+    levels = [q.level for q in quiet]
+    try:
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_pretrained(where, **kw)
+    except Exception as e:  # noqa: BLE001 - any loading failure is reported the same way
+        hint = "" if os.path.isdir(where) else (" (the model hub may be unreachable: pass a local folder with "
+                                                "--teacher PATH)")
+        fail(f"could not load {cls.__name__} from {where}{hint}: {str(e).splitlines()[0][:200]}")
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+
+
+def load_teacher(args, device):
+    """--dataset imagenet64 | cifar10, --teacher sd15 | hub id | PATH -> Teacher on `device`, frozen."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    if args.dataset == "imagenet64":
+        repo, sub = HUB["imagenet64"]
+        unet = _from_pretrained(UNet2DModel, repo, subfolder=sub)
+        tch = Teacher(unet, "edm", karras_sigmas(1000).log(), num_classes=unet.config.num_class_embeds or 0,
+                      source=repo)
+    else:
+        where = HUB["cifar10"][0] if args.dataset == "cifar10" else HUB["sd15"][0] if args.teacher == "sd15" else args.teacher
+        local = os.path.isdir(where)
+        if local and not os.path.exists(os.path.join(where, "model_index.json")) and not any(
+                os.path.exists(os.path.join(where, d, "config.json")) for d in ("", "unet")):
+            fail(f"--teacher {where}: no diffusers model there (expected config.json, unet/ or model_index.json)")
+        if args.teacher == "sd15" or (local and os.path.exists(os.path.join(where, "model_index.json"))):
+            tch = load_text_to_image_teacher(where, args)
+        else:
+            spec = {}
+            if local and os.path.exists(os.path.join(where, "teacher.json")):
+                spec = json.load(open(os.path.join(where, "teacher.json")))
+            sub = "unet" if local and os.path.isdir(os.path.join(where, "unet")) else None
+            unet = _from_pretrained(UNet2DModel, where, **({"subfolder": sub} if sub else {}))
+            n_cls = unet.config.num_class_embeds or 0
+            if spec.get("formulation") == "edm":
+                sig = karras_sigmas(spec.get("T", 1000), spec.get("sigma_min", 0.002), spec.get("sigma_max", 80.0))
+                tch = Teacher(unet, "edm", sig.log(), sigma_data=spec.get("sigma_data", 0.5),
+                              noise_cond_scale=spec.get("noise_cond_scale", 1000.0), num_classes=n_cls, source=where)
+            else:
+                ssub = "scheduler" if local and os.path.isdir(os.path.join(where, "scheduler")) else None
+                sched = _from_pretrained(DDPMScheduler, where, **({"subfolder": ssub} if ssub else {}))
+                abar = sched.alphas_cumprod.double()
+                tch = Teacher(unet, "vp", ((1 - abar) / abar).sqrt().log(), prediction_type=sched.config.prediction_type,
+                              num_classes=n_cls, source=where)
+    tch.unet.requires_grad_(False).eval().to(device)
+    tch.log_r = tch.log_r.to(device)
+    for m in (tch.vae, tch.text_encoder):
+        if m is not None:
+            m.requires_grad_(False).eval().to(device)
+    return tch
+
+
+def load_text_to_image_teacher(where, args):
+    """Stable Diffusion layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/): latent-space teacher."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    if not args.prompts:
+        fail("a text-to-image teacher needs --prompts FILE (one prompt per line)")
+    unet = _from_pretrained(UNet2DConditionModel, where, subfolder="unet")
+    sched = _from_pretrained(DDPMScheduler, where, subfolder="scheduler")
+    abar = sched.alphas_cumprod.double()
+    return Teacher(unet, "vp", ((1 - abar) / abar).sqrt().log(), prediction_type=sched.config.prediction_type,
+                   text=True, guidance=args.guidance, vae=_from_pretrained(AutoencoderKL, where, subfolder="vae"),
+                   text_encoder=_from_pretrained(CLIPTextModel, where, subfolder="text_encoder"),
+                   tokenizer=_from_pretrained(CLIPTokenizer, where, subfolder="tokenizer"), source=where)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conditioning, the regression pairs (built once with the teacher's ODE), samples and logs
+# ----------------------------------------------------------------------------------------------------------
+class Conditions:
+    """Draws a batch's conditioning as integer ids (class labels or prompt indices; None if unconditional)
+    and turns ids into what the UNet takes (labels or CLIP text embeddings)."""
+
+    def __init__(self, tch, args, device):
+        self.tch, self.device = tch, device
+        self.prompts = [ln.strip() for ln in open(args.prompts) if ln.strip()] if tch.text else None
+        if tch.text and not self.prompts:
+            fail(f"--prompts {args.prompts} has no prompts")
+        self.uncond = self.encode([""]) if tch.text else None
+
+    @torch.no_grad()
+    def encode(self, texts):
+        tok = self.tch.tokenizer(texts, padding="max_length", max_length=self.tch.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt")
+        return self.tch.text_encoder(tok.input_ids.to(self.device))[0]
+
+    def draw(self, n, generator=None):
+        high = len(self.prompts) if self.tch.text else self.tch.num_classes
+        return torch.randint(0, high, (n,), generator=generator) if high else None
+
+    def embed(self, ids):
+        if ids is None:
+            return None
+        ids = ids.to(self.device)
+        return self.encode([self.prompts[i] for i in ids.tolist()]) if self.tch.text else ids
+
+
+def sample_shape(tch, args):
+    if tch.text:
+        f = 2 ** (len(tch.vae.config.block_out_channels) - 1)
+        return (tch.unet.config.in_channels, args.resolution // f, args.resolution // f)
+    size = tch.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return (tch.unet.config.in_channels, size, size)
+
+
+def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
+    """The regression set D = {(z_i, y_i)} of DMD Sec. 3.3: y = the teacher's deterministic ODE (Heun) from z.
+    Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
+    kept, so an interrupted build resumes where it stopped. Returns the shards, memory-mapped."""
+    from tqdm import tqdm
+    os.makedirs(args.pairs_dir, exist_ok=True)
+    n_shards = math.ceil(args.num_pairs / args.shard_size)
+    path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
+    mine = [k for k in range(n_shards) if k % world == rank]
+    todo = [k for k in mine if not os.path.exists(path(k))]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="regression pairs (teacher ODE)",
+               unit="shard", disable=rank != 0 or not todo, file=sys.stderr)
+    for k in todo:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
+        n = min(args.shard_size, args.num_pairs - k * args.shard_size)
+        z, ids = torch.randn((n, *shape), generator=g), conds.draw(n, g)
+        ys = []
+        for i in range(0, n, args.micro_batch):
+            c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
+            with autocast(args):
+                ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
+        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids}, path(k) + ".tmp")
+        os.replace(path(k) + ".tmp", path(k))
+        bar.update()
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return [torch.load(path(k), mmap=True) for k in range(n_shards)]
+
+
+def take_pairs(shards, idx):
+    """Rows idx (global indices) of the shard list -> z, y, ids (ids None if unconditional)."""
+    size = len(shards[0]["z"])
+    rows = [(shards[i // size], i % size) for i in idx.tolist()]
+    z = torch.stack([s["z"][r] for s, r in rows])
+    y = torch.stack([s["y"][r] for s, r in rows])
+    ids = None if shards[0]["ids"] is None else torch.stack([s["ids"][r] for s, r in rows])
+    return z, y, ids
+
+
+def autocast(args):
+    if args.mixed_precision == "bf16":
+        return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_images(tch, x):
+    """Model space -> images in [-1, 1] (decodes latents with the VAE)."""
+    if tch.text:
+        x = tch.vae.decode(x / tch.vae.config.scaling_factor).sample
+    return x.float().clamp(-1, 1)
+
+
+def save_grid(tch, x, path):
+    from torchvision.utils import save_image
+    with torch.no_grad():
+        save_image((to_images(tch, x) + 1) / 2, path, nrow=int(math.ceil(len(x) ** 0.5)))
+
+
+def write_log(history, out_dir):
+    """The loss log as CSV and a PNG plot of every column against the step."""
+    if not history:
+        return
+    keys = list(history[0])
+    with open(os.path.join(out_dir, "log.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(history)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = [k for k in keys if k.startswith("loss")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
+    for ax, k in zip(axes[0], cols):
+        ax.plot([h["step"] for h in history], [h[k] for h in history])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=80)
+    plt.close(fig)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_save(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export: the generator with save_pretrained, plus how to call it
+# ----------------------------------------------------------------------------------------------------------
+def export_generator(tch, gen, shape, args, path):
+    """save_pretrained(path) and path/generator.json: everything sample.py / eval.py need to call the
+    generator without knowing dmd.py: x = mu(sigma_in z, t) with the teacher's preconditioning."""
+    gen.save_pretrained(path)
+    t = torch.tensor([tch.T - 1.0])
+    alpha, sigma = (v.item() for v in tch.alpha_sigma(t))
+    spec = {
+        "method": "dmd", "model_class": type(gen).__name__, "formulation": tch.formulation,
+        "prediction_type": tch.prediction_type, "sigma_data": tch.sigma_data, "noise_cond_scale": tch.noise_cond_scale,
+        "steps": [{"t": tch.T - 1, "alpha": alpha, "sigma": sigma}],  # one step, from x = sigma z
+        "conditioning": "text" if tch.text else "class" if tch.num_classes else "none",
+        "num_classes": tch.num_classes, "sample_shape": list(shape), "latent": tch.text,
+        "teacher": tch.source, "guidance_in_training": tch.guidance if tch.text else None,
+    }
+    with open(os.path.join(path, "generator.json"), "w") as f:
+        json.dump(spec, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: DMD Algorithm 1
+# ----------------------------------------------------------------------------------------------------------
+def train(args):
+    from tqdm import tqdm
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    per_device = args.batch_size // world
+    if args.micro_batch is None:
+        args.micro_batch = max(d for d in range(1, min(32, per_device) + 1) if per_device % d == 0)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+    device = torch.device(args.device)
+    accum, rem = divmod(args.batch_size, args.micro_batch * world)
+    if rem or not accum or args.micro_batch < 1:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if args.resume and not os.path.exists(ckpt_path):
+        fail(f"--resume: no checkpoint at {ckpt_path}")
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+
+    # 0. The teacher (real score), the paired set, the generator and the fake score, both from the teacher
+    tch = load_teacher(args, device)
+    conds = Conditions(tch, args, device)
+    shape = sample_shape(tch, args)
+    lpips_fn = None
+    if not args.no_reg and args.reg_loss == "lpips":
+        try:
+            import lpips
+            lpips_fn = lpips.LPIPS(net="vgg", verbose=False).to(device).requires_grad_(False).eval()
+        except Exception as e:  # noqa: BLE001
+            fail(f"LPIPS-VGG could not load ({str(e).splitlines()[0][:120]}): its VGG16 weights are a torchvision "
+                 "download; offline, use --reg-loss l2 or --reg-loss huber")
+    shards = None if args.no_reg else build_pairs(tch, conds, args, shape, device, rank, world)
+    gen = copy.deepcopy(tch.unet).requires_grad_(True).train()
+    fake = None if args.no_dm else copy.deepcopy(tch.unet).requires_grad_(True).train()
+    ema = copy.deepcopy(gen).requires_grad_(False) if args.ema > 0 else None
+    nets = [n for n in (gen, fake) if n is not None]
+    opts = [torch.optim.AdamW(n.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
+                              fused=device.type == "cuda") for n in nets]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / args.warmup)) for o in opts]
+    step, history = 0, []
+    if args.resume:
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        for n, k in zip(nets, ("gen", "fake")):
+            n.load_state_dict(ck[k])
+        for o, s, so, ss in zip(opts, scheds, ck["opts"], ck["scheds"]):
+            o.load_state_dict(so)
+            s.load_state_dict(ss)
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        step, history = ck["step"], ck["history"]
+        set_rng_state(torch.load(os.path.join(args.output_dir, f"rng_rank{rank}.pt"), weights_only=False))
+    run_gen, run_fake = gen, fake
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [local] if device.type == "cuda" else None
+        run_gen = DDP(gen, device_ids=ids)
+        run_fake = None if fake is None else DDP(fake, device_ids=ids)
+    if args.compile:
+        tch.unet = torch.compile(tch.unet)
+        run_gen = torch.compile(run_gen)
+        run_fake = None if fake is None else torch.compile(run_fake)
+    t_lo, t_hi = int(args.t_min * tch.T), min(int(args.t_max * tch.T), tch.T - 1)
+    vis_g = torch.Generator().manual_seed(args.seed + 12345)
+    z_vis, ids_vis = torch.randn((16, *shape), generator=vis_g).to(device), conds.draw(16, vis_g)
+    lam = args.lambda_reg
+
+    def G(z, ids):
+        x_in, t = tch.generator_input(z)
+        return tch.mu(run_gen, x_in, t, conds.embed(ids))
+
+    def checkpoint():
+        if rank == 0:
+            atomic_save({"step": step, "gen": gen.state_dict(), "fake": None if fake is None else fake.state_dict(),
+                         "opts": [o.state_dict() for o in opts], "scheds": [s.state_dict() for s in scheds],
+                         "ema": None if ema is None else ema.state_dict(), "history": history, "args": vars(args)},
+                        ckpt_path)
+        atomic_save(rng_state(), os.path.join(args.output_dir, f"rng_rank{rank}.pt"))
+
+    bar = tqdm(total=args.max_steps, initial=step, desc="DMD", disable=rank != 0, file=sys.stderr)
+    m = args.micro_batch
+    while step < args.max_steps:
+        t0 = time.time()
+        sums = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_fake": 0.0}
+        xs = []
+        opts[0].zero_grad(set_to_none=True)
+        for k in range(accum):
+            sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_gen.no_sync()
+            with sync, autocast(args):
+                # 1. x = G(z) for fresh noise, x_ref = G(z_ref) for a batch of regression pairs (one forward pass)
+                z, ids = torch.randn((m, *shape), device=device), conds.draw(m)
+                if shards is not None:
+                    z_ref, y_ref, ids_ref = take_pairs(shards, torch.randint(0, args.num_pairs, (m,)))
+                    z_ref, y_ref = z_ref.to(device), y_ref.to(device)
+                    z = torch.cat([z, z_ref])
+                    ids = None if ids is None else torch.cat([ids, ids_ref])
+                out = G(z, ids)
+                x, x_ref = out[:m], out[m:]
+                loss = x.new_zeros((), dtype=torch.float32)
+                if fake is not None:
+                    # 2. distribution matching (Eq. 7-8): noise x at t ~ U[t_min T, t_max T], real vs fake score
+                    with torch.no_grad():
+                        t = torch.randint(t_lo, t_hi + 1, (m,), device=device)
+                        alpha, sigma = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
+                        x_t = add_noise(x.detach(), torch.randn_like(x), alpha, sigma)
+                        c = conds.embed(None if ids is None else ids[:m])
+                        mu_real = tch.mu_real(x_t, t, c, conds.uncond)
+                        mu_fake = tch.mu(run_fake, x_t, t, c)
+                        grad = distribution_matching_grad(x.detach(), x_t, mu_real, mu_fake, alpha, sigma,
+                                                          args.weighting)
+                    loss_dm = distribution_matching_loss(x, grad)
+                    loss = loss + loss_dm
+                    sums["loss_dm"] += loss_dm.item() / accum
+                if shards is not None:
+                    # 3. regression on the paired set (Eq. 9)
+                    if lpips_fn is not None:
+                        loss_reg = regression_loss(to_images(tch, x_ref), to_images(tch, y_ref), "lpips", lpips_fn)
+                    else:
+                        loss_reg = regression_loss(x_ref, y_ref, args.reg_loss)
+                    loss = loss + lam * loss_reg
+                    sums["loss_reg"] += loss_reg.item() / accum
+                (loss / accum).backward()
+            xs.append((x.detach(), None if ids is None else ids[:m]))
+        # 4. generator update (clip 10), warm-up schedule, EMA
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), args.grad_clip)
+        opts[0].step()
+        scheds[0].step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(gen.parameters()), 1 - args.ema)
+        if fake is not None:
+            # 5. fake score: denoising loss (Eq. 5-6) on the detached generator samples, at a fresh t
+            opts[1].zero_grad(set_to_none=True)
+            for k, (x0, ids) in enumerate(xs):
+                sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_fake.no_sync()
+                with sync, autocast(args):
+                    t = torch.randint(t_lo, t_hi + 1, (m,), device=device)
+                    alpha, sigma = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
+                    x_t = add_noise(x0, torch.randn_like(x0), alpha, sigma)
+                    loss_fake = denoising_loss(tch.mu(run_fake, x_t, t, conds.embed(ids)), x0)
+                    (loss_fake / accum).backward()
+                sums["loss_fake"] += loss_fake.item() / accum
+            torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip)
+            opts[1].step()
+            scheds[1].step()
+        step += 1
+        bar.update()
+        bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in sums.items()} | {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
+        if step % args.log_every == 0 or step == args.max_steps:
+            history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}})
+            if rank == 0:
+                write_log(history, args.output_dir)
+        if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
+            with torch.no_grad(), autocast(args):
+                save_grid(tch, G(z_vis, ids_vis), os.path.join(args.output_dir, f"samples_{step:07d}.png"))
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            checkpoint()
+    bar.close()
+    if rank == 0:
+        export_generator(tch, ema if ema is not None else gen, shape, args, os.path.join(args.output_dir, "generator"))
+        print(f"generator saved to {os.path.join(args.output_dir, 'generator')} (step {step})")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return history
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

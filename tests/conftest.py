@@ -1,0 +1,72 @@
+"""Tiny models built from configs and saved to a temp folder, loaded back through the scripts' own
+from_pretrained code paths (the model hub is unreachable in tests)."""
+import json
+import os
+
+import pytest
+import torch
+
+
+def tiny_unet2d(in_channels=3, num_classes=None, size=8):
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=size, in_channels=in_channels, out_channels=in_channels, block_out_channels=(16, 32),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, num_class_embeds=num_classes)
+
+
+def write_tiny_tokenizer(folder, max_length=8):
+    """A CLIP tokenizer over single letters, written by hand (vocab.json + merges.txt)."""
+    from transformers import CLIPTokenizer
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                        model_max_length=max_length)
+    tok.save_pretrained(folder)
+    return len(vocab)
+
+
+def tiny_text_encoder(vocab_size, max_length=8, hidden=16):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=max_length,
+                                        projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         norm_num_groups=8, sample_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory):
+    """{'vp_class': class-conditional DDPM UNet2DModel + scheduler, 'edm_uncond': unconditional EDM UNet2DModel
+    with teacher.json, 'sd': an SD1.5-like pipeline folder, 'prompts': a prompts file}."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    root = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    tiny_unet2d(3, num_classes=10).save_pretrained(root / "vp_class" / "unet")
+    DDPMScheduler().save_pretrained(root / "vp_class" / "scheduler")
+    tiny_unet2d(1).save_pretrained(root / "edm_uncond")
+    (root / "edm_uncond" / "teacher.json").write_text(json.dumps({"formulation": "edm"}))
+    sd = root / "sd"
+    n_vocab = write_tiny_tokenizer(sd / "tokenizer")
+    tiny_text_encoder(n_vocab).save_pretrained(sd / "text_encoder")
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                         norm_num_groups=8, attention_head_dim=4).save_pretrained(sd / "unet")
+    tiny_vae().save_pretrained(sd / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(sd / "scheduler")
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (root / "prompts.txt").write_text("a cat\na dog on a hill\nred sky\n")
+    return {"vp_class": str(root / "vp_class"), "edm_uncond": str(root / "edm_uncond"), "sd": str(sd),
+            "prompts": str(root / "prompts.txt")}

@@ -1,0 +1,247 @@
+"""dmd.py: the equations against independent computations, smoke runs on tiny teachers, exact resume."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import dmd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- analytic teachers: data N(m, s^2 I) exactly
+class GaussianNet(torch.nn.Module):
+    """Stands in for a UNet: returns exactly what a perfect network would for data N(m, s^2 I), in the
+    teacher's parametrisation (EDM: F with D = c_skip x + c_out F; VP: eps or v)."""
+
+    def __init__(self, m, s):
+        super().__init__()
+        self.m, self.s, self.tch = m, s, None
+
+    def denoise(self, x_t, alpha, sigma):   # E[x | x_t] for Gaussian data
+        return self.m + alpha * self.s ** 2 / (alpha ** 2 * self.s ** 2 + sigma ** 2) * (x_t - alpha * self.m)
+
+    def forward(self, x_in, t, **kw):
+        tch = self.tch
+        if tch.formulation == "edm":
+            sigma = (t.double() / tch.noise_cond_scale / 0.25).exp().view(-1, 1, 1, 1)
+            c_skip, c_out, c_in, _ = dmd.edm_precond(sigma, tch.sigma_data)
+            x = x_in.double() / c_in
+            return SimpleNamespace(sample=((self.denoise(x, 1.0, sigma) - c_skip * x) / c_out).float())
+        alpha, sigma = (v.double().view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
+        x0 = self.denoise(x_in.double(), alpha, sigma)
+        eps = (x_in.double() - alpha * x0) / sigma
+        out = eps if tch.prediction_type == "epsilon" else alpha * eps - sigma * x0
+        return SimpleNamespace(sample=out.float())
+
+
+def gaussian_teacher(formulation, m=0.7, s=0.3, prediction_type="epsilon"):
+    net = GaussianNet(m, s)
+    if formulation == "edm":
+        tch = dmd.Teacher(net, "edm", dmd.karras_sigmas(1000).log())
+    else:
+        abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+        tch = dmd.Teacher(net, "vp", ((1 - abar) / abar).sqrt().log(), prediction_type=prediction_type)
+    net.tch = tch
+    return tch
+
+
+def test_edm_preconditioning_matches_karras_table_1():
+    # hand-computed at sigma = sigma_data = 0.5, and at sigma = 2
+    c_skip, c_out, c_in, c_noise = dmd.edm_precond(torch.tensor([0.5, 2.0], dtype=torch.float64), 0.5)
+    torch.testing.assert_close(c_skip, torch.tensor([0.5, 0.25 / 4.25], dtype=torch.float64))
+    torch.testing.assert_close(c_out, torch.tensor([0.25 / math.sqrt(0.5), 1.0 / math.sqrt(4.25)], dtype=torch.float64))
+    torch.testing.assert_close(c_in, torch.tensor([1 / math.sqrt(0.5), 1 / math.sqrt(4.25)], dtype=torch.float64))
+    torch.testing.assert_close(c_noise, torch.tensor([math.log(0.5) / 4, math.log(2.0) / 4], dtype=torch.float64))
+    # Karras et al. Eq. 7-8: the effective training target F = (y - c_skip x) / c_out has unit variance
+    for sig in (0.01, 0.5, 10.0):
+        cs, co, ci, _ = dmd.edm_precond(torch.tensor(sig, dtype=torch.float64), 0.5)
+        var_target = ((1 - cs) ** 2 * 0.25 + cs ** 2 * sig ** 2) / co ** 2
+        assert abs(var_target.item() - 1) < 1e-12 and abs((ci ** 2 * (0.25 + sig ** 2)).item() - 1) < 1e-12
+    # Karras sigma grid: ends at sigma_min and sigma_max
+    sig = dmd.karras_sigmas(1000)
+    assert abs(sig[0].item() - 0.002) < 1e-12 and abs(sig[-1].item() - 80) < 1e-9 and (sig[1:] > sig[:-1]).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_vp_teacher_conversion_inverts_the_forward_process(prediction_type):
+    """A network that predicts the true eps (or v) of x_t = alpha x + sigma eps gives back x exactly."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    x, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 250, 700, 999])
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t, **kw):
+            a, s = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
+            return SimpleNamespace(sample=eps if prediction_type == "epsilon" else a * eps - s * x)
+
+    tch = dmd.Teacher(Oracle(), "vp", ((1 - abar) / abar).sqrt().log(), prediction_type=prediction_type)
+    a, s = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
+    torch.testing.assert_close(a.flatten() ** 2, abar[t].float())
+    x_t = dmd.add_noise(x, eps, a, s)
+    tol = 2e-3 if prediction_type == "epsilon" else 1e-5   # eps -> x0 divides by alpha_999 = 0.0064
+    torch.testing.assert_close(tch.mu(tch.unet, x_t, t, None), x, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("formulation", ["edm", "vp"])
+def test_heun_ode_sampler_lands_on_the_closed_form_endpoint(formulation):
+    """For data N(m, s^2 I) the ODE in x~ = x / alpha, r = sigma / alpha keeps (x~ - m) / sqrt(s^2 + r^2)
+    constant, so from x~ = r_max z it ends exactly at m + s (r_max z - m) / sqrt(s^2 + r_max^2)."""
+    tch = gaussian_teacher(formulation)
+    z = torch.randn(8, 1, 4, 4)
+    r_max = tch.log_r[-1].exp().item()
+    want = 0.7 + 0.3 * (r_max * z - 0.7) / math.sqrt(0.09 + r_max ** 2)
+    err = {n: (tch.heun_sample(z, None, n) - want).abs().max().item() for n in (40, 80, 160)}
+    assert err[160] < 2e-3
+    assert err[40] / err[80] > 3 and err[80] / err[160] > 3   # Heun is second order (Euler would give 2)
+    # and the teacher's own denoiser is exact at a few levels
+    t = torch.tensor([10, 500, 990] * 2 + [0, 999])
+    x_t = torch.randn(8, 1, 4, 4)
+    a, s = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
+    torch.testing.assert_close(tch.mu(tch.unet, x_t, t, None), tch.unet.denoise(x_t, a, s).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_distribution_matching_gradient_between_two_gaussians():
+    """Real N(m_r, v_r I), fake N(m_f, v_f I): closed-form diffused scores; Eq. 7 with Eq. 8's weight."""
+    torch.manual_seed(0)
+    m_r, v_r, m_f, v_f = 0.8, 0.5, -0.4, 1.5
+    a, s = 0.6, 0.8
+    x = torch.randn(5, 3, 4, 4)
+    x_t = a * x + s * torch.randn_like(x)
+    score = lambda m, v: -(x_t - a * m) / (a ** 2 * v + s ** 2)                      # noqa: E731
+    denoiser = lambda m, v: m + a * v / (a ** 2 * v + s ** 2) * (x_t - a * m)         # noqa: E731
+    mu_r, mu_f = denoiser(m_r, v_r), denoiser(m_f, v_f)
+    al, sg = torch.full((5, 1, 1, 1), a), torch.full((5, 1, 1, 1), s)
+    got = dmd.distribution_matching_grad(x, x_t, mu_r, mu_f, al, sg)
+    w = s ** 2 / a * 48 / (mu_r - x).abs().sum((1, 2, 3)).view(-1, 1, 1, 1)          # Eq. 8, C S = 3 * 4 * 4
+    torch.testing.assert_close(got, w * a * (score(m_f, v_f) - score(m_r, v_r)), rtol=1e-4, atol=1e-6)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(dmd.distribution_matching_loss(xg, got), xg)
+    torch.testing.assert_close(g, got / x.numel())
+    # Table 3 alternatives: w_t = sigma / alpha and sigma^3 / alpha
+    torch.testing.assert_close(dmd.dmd_weight(x, mu_r, al, sg, "sigma_over_alpha"), sg / al)
+    torch.testing.assert_close(dmd.dmd_weight(x, mu_r, al, sg, "sigma3_over_alpha"), sg ** 3 / al)
+
+
+def test_regression_losses():
+    a, b = torch.zeros(2, 1, 4, 4), torch.full((2, 1, 4, 4), 2.0)
+    assert dmd.regression_loss(a, b, "l2").item() == 4.0
+    assert dmd.regression_loss(a, b, "huber").item() == 1.5           # |d| - 0.5 for |d| > 1
+    seen = {}
+
+    def fake_lpips(u, v):   # LPIPS gets 3-channel 224 x 224 images
+        seen["shape"] = tuple(u.shape)
+        return (u - v).abs().mean((1, 2, 3))
+    assert dmd.regression_loss(a, b, "lpips", fake_lpips).item() == pytest.approx(2.0)
+    assert seen["shape"] == (2, 3, 224, 224)
+
+
+# ---------------------------------------------------------------- end to end on tiny teachers
+def run_dmd(out, teacher, *extra):
+    argv = ["--teacher", teacher, "--output-dir", str(out), "--reg-loss", "l2", "--max-steps", "2",
+            "--batch-size", "4", "--micro-batch", "2", "--num-pairs", "6", "--shard-size", "4", "--ode-steps", "2",
+            "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--device", "cpu", *extra]
+    return dmd.train(dmd.parse_args(argv))
+
+
+@pytest.mark.parametrize("kind", ["vp_class", "edm_uncond", "sd"])
+def test_smoke_each_teacher_kind_exports_a_loadable_generator(tiny_teachers, tmp_path, kind):
+    extra = ["--prompts", tiny_teachers["prompts"], "--resolution", "16"] if kind == "sd" else []
+    history = run_dmd(tmp_path, tiny_teachers[kind], *extra)
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(math.isfinite(v) for h in history for v in h.values())
+    for f in ("log.csv", "loss.png", "samples_0000002.png", "checkpoint.pt", "generator/generator.json"):
+        assert (tmp_path / f).exists(), f
+    spec = json.loads((tmp_path / "generator" / "generator.json").read_text())
+    assert spec["method"] == "dmd" and spec["steps"][0]["t"] == 999
+    assert spec["conditioning"] == {"vp_class": "class", "edm_uncond": "none", "sd": "text"}[kind]
+    from diffusers import UNet2DConditionModel, UNet2DModel
+    cls = UNet2DConditionModel if kind == "sd" else UNet2DModel
+    assert spec["model_class"] == cls.__name__
+    gen = cls.from_pretrained(tmp_path / "generator")
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    for k, v in gen.state_dict().items():
+        torch.testing.assert_close(v, ck["gen"][k], rtol=0, atol=0)
+    if kind == "edm_uncond":
+        assert spec["steps"][0]["sigma"] == pytest.approx(80.0)
+
+
+def test_ablation_flags_run(tiny_teachers, tmp_path):
+    h = run_dmd(tmp_path / "nodm", tiny_teachers["vp_class"], "--no-dm")
+    assert all(r["loss_dm"] == 0 and r["loss_fake"] == 0 and r["loss_reg"] > 0 for r in h)
+    h = run_dmd(tmp_path / "noreg", tiny_teachers["vp_class"], "--no-reg", "--weighting", "sigma_over_alpha")
+    assert all(r["loss_reg"] == 0 and r["loss_fake"] > 0 for r in h)
+    assert not (tmp_path / "noreg" / "pairs").exists()
+
+
+def test_resume_continues_exactly(tiny_teachers, tmp_path):
+    """4 steps straight == 2 steps, stop, --resume, 2 more steps: same losses, same weights (both networks)."""
+    common = ["--ema", "0.9"]
+    straight = run_dmd(tmp_path / "a", tiny_teachers["vp_class"], "--max-steps", "4", *common)
+    run_dmd(tmp_path / "b", tiny_teachers["vp_class"], "--max-steps", "2", *common)
+    resumed = run_dmd(tmp_path / "b", tiny_teachers["vp_class"], "--max-steps", "4", "--resume", *common)
+    assert straight == resumed and len(resumed) == 4
+    ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    for part in ("gen", "fake", "ema"):
+        for k in ca[part]:
+            torch.testing.assert_close(ca[part][k], cb[part][k], rtol=0, atol=0)
+    # and a one-step run differs (the comparison can fail)
+    other = run_dmd(tmp_path / "c", tiny_teachers["vp_class"], "--max-steps", "4", "--seed", "1", *common)
+    assert other != straight
+
+
+def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path):
+    """Shards are a function of (seed, shard): a deleted shard is rebuilt identically; others are kept."""
+    args = dmd.parse_args(["--teacher", tiny_teachers["vp_class"], "--output-dir", str(tmp_path), "--num-pairs", "6",
+                           "--shard-size", "4", "--ode-steps", "2", "--micro-batch", "2", "--device", "cpu"])
+    tch = dmd.load_teacher(args, torch.device("cpu"))
+    conds = dmd.Conditions(tch, args, torch.device("cpu"))
+    shape = dmd.sample_shape(tch, args)
+    first = dmd.build_pairs(tch, conds, args, shape, torch.device("cpu"))
+    assert [len(s["z"]) for s in first] == [4, 2]
+    snapshot = [{k: v.clone() for k, v in s.items()} for s in first]
+    os.remove(tmp_path / "pairs" / "shard_00001.pt")
+    mtime0 = os.path.getmtime(tmp_path / "pairs" / "shard_00000.pt")
+    again = dmd.build_pairs(tch, conds, args, shape, torch.device("cpu"))
+    assert os.path.getmtime(tmp_path / "pairs" / "shard_00000.pt") == mtime0
+    for s0, s1 in zip(snapshot, again):
+        for k in s0:
+            torch.testing.assert_close(s0[k], s1[k], rtol=0, atol=0)
+    # y is the teacher's Heun ODE from z with the stored class labels
+    z, y, ids = dmd.take_pairs(again, torch.tensor([5]))
+    torch.testing.assert_close(tch.heun_sample(z, ids, 2), y, rtol=1e-4, atol=1e-4)  # batch 1 vs 2: conv rounding
+
+
+def _cli(*argv, env=None):
+    return subprocess.run([sys.executable, "dmd.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_unreachable_hub_is_a_one_line_error(tmp_path):
+    r = _cli("--dataset", "imagenet64", "--output-dir", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "--teacher PATH" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("case", ["both", "no_model", "batch", "resume", "prompts", "steps"])
+def test_bad_input_is_one_line_exit_2(tiny_teachers, tmp_path, capsys, case):
+    os.makedirs(tmp_path / "nothing", exist_ok=True)
+    argv, msg = {"both": (["--dataset", "cifar10", "--teacher", "x"], "exactly one of"),
+                 "no_model": (["--teacher", str(tmp_path / "nothing")], "no diffusers model"),
+                 "batch": (["--teacher", tiny_teachers["vp_class"], "--batch-size", "6", "--micro-batch", "4"],
+                           "not a multiple"),
+                 "resume": (["--teacher", tiny_teachers["vp_class"], "--resume"], "no checkpoint"),
+                 "prompts": (["--teacher", tiny_teachers["sd"]], "needs --prompts"),
+                 "steps": (["--teacher", tiny_teachers["vp_class"], "--max-steps", "0"], "--max-steps must be")}[case]
+    with pytest.raises(SystemExit) as e:
+        dmd.main([*argv, "--device", "cpu", "--output-dir", str(tmp_path / "o"), "--reg-loss", "l2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err, err
+    assert len(err.strip().splitlines()) == 1, err
