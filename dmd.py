@@ -703,6 +703,10 @@ def train(args):
             torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip)
             opts[1].step()
             scheds[1].step()
+        if world > 1:  # log the mean over devices
+            red = torch.tensor(list(sums.values()), device=device)
+            torch.distributed.all_reduce(red)
+            sums = dict(zip(sums, (red / world).tolist()))
         step += 1
         bar.update()
         bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in sums.items()} | {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})

@@ -219,6 +219,18 @@ def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path):
     torch.testing.assert_close(tch.heun_sample(z, ids, 2), y, rtol=1e-4, atol=1e-4)  # batch 1 vs 2: conv rounding
 
 
+def test_two_processes_with_torchrun(tiny_teachers, tmp_path):
+    """Data-parallel path (DDP over gloo on the CPU): pairs split across ranks, one export."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "dmd.py",
+                        "--teacher", tiny_teachers["vp_class"], "--reg-loss", "l2", "--max-steps", "2", "--batch-size",
+                        "8", "--micro-batch", "2", "--num-pairs", "8", "--shard-size", "2", "--ode-steps", "2",
+                        "--output-dir", str(tmp_path), "--device", "cpu", "--log-every", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "pairs")) == [f"shard_0000{k}.pt" for k in range(4)]
+    assert (tmp_path / "generator" / "generator.json").exists() and (tmp_path / "rng_rank1.pt").exists()
+
+
 def _cli(*argv, env=None):
     return subprocess.run([sys.executable, "dmd.py", *argv], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
