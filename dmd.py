@@ -314,7 +314,7 @@ class Teacher:
         return x
 
 
-def _from_pretrained(cls, where, **kw):
+def _from_pretrained(cls, where, flag="--teacher", **kw):
     """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails."""
     import logging
     import warnings
@@ -328,7 +328,7 @@ def _from_pretrained(cls, where, **kw):
             return cls.from_pretrained(where, **kw)
     except Exception as e:  # noqa: BLE001 - any loading failure is reported the same way
         hint = "" if os.path.isdir(where) else (" (the model hub may be unreachable: pass a local folder with "
-                                                "--teacher PATH)")
+                                                f"{flag} PATH)")
         fail(f"could not load {cls.__name__} from {where}{hint}: {str(e).splitlines()[0][:200]}")
     finally:
         for q, lv in zip(quiet, levels):
@@ -543,7 +543,7 @@ def export_generator(tch, gen, shape, args, path):
     spec = {
         "method": "dmd", "model_class": type(gen).__name__, "formulation": tch.formulation,
         "prediction_type": tch.prediction_type, "sigma_data": tch.sigma_data, "noise_cond_scale": tch.noise_cond_scale,
-        "steps": [{"t": tch.T - 1, "alpha": alpha, "sigma": sigma}],  # one step, from x = sigma z
+        "steps": [{"t": tch.T - 1, "alpha": alpha, "sigma": sigma, "alpha_read": alpha, "sigma_read": sigma}],
         "conditioning": "text" if tch.text else "class" if tch.num_classes else "none",
         "num_classes": tch.num_classes, "sample_shape": list(shape), "latent": tch.text,
         "teacher": tch.source, "guidance_in_training": tch.guidance if tch.text else None,

