@@ -628,6 +628,10 @@ def train(args):
         fail("--distill-weighting nfsd needs a text-to-image teacher (it uses unconditional and negative prompts)")
     res = args.resolution
     data = RealData(args.data, res, 3 if tch.vae is not None else tch.unet.config.in_channels, tch.text)
+    top = int(data.arrays[1].max()) if data.arrays is not None else max((c for _, c in data.items), default=0) \
+        if not tch.text else 0
+    if tch.num_classes and top >= tch.num_classes:
+        fail(f"--data {args.data} has class {top}, but the teacher knows {tch.num_classes} classes")
     student = copy.deepcopy(tch.unet).requires_grad_(True).train()
     if args.student_init == "random":
         student = type(tch.unet).from_config(tch.unet.config).to(device).train()

@@ -365,7 +365,7 @@ def load_teacher(args, device):
             else:
                 ssub = "scheduler" if local and os.path.isdir(os.path.join(where, "scheduler")) else None
                 sched = _from_pretrained(DDPMScheduler, where, **({"subfolder": ssub} if ssub else {}))
-                abar = sched.alphas_cumprod.double()
+                abar = sched.alphas_cumprod.double().clamp(min=2.0 ** -24)  # zero terminal SNR: r_max finite
                 tch = Teacher(unet, "vp", ((1 - abar) / abar).sqrt().log(), prediction_type=sched.config.prediction_type,
                               num_classes=n_cls, source=where)
     tch.unet.requires_grad_(False).eval().to(device)
@@ -384,7 +384,7 @@ def load_text_to_image_teacher(where, args):
         fail("a text-to-image teacher needs --prompts FILE (one prompt per line)")
     unet = _from_pretrained(UNet2DConditionModel, where, subfolder="unet")
     sched = _from_pretrained(DDPMScheduler, where, subfolder="scheduler")
-    abar = sched.alphas_cumprod.double()
+    abar = sched.alphas_cumprod.double().clamp(min=2.0 ** -24)  # as diffusers does for zero terminal SNR
     return Teacher(unet, "vp", ((1 - abar) / abar).sqrt().log(), prediction_type=sched.config.prediction_type,
                    text=True, guidance=args.guidance, vae=_from_pretrained(AutoencoderKL, where, subfolder="vae"),
                    text_encoder=_from_pretrained(CLIPTextModel, where, subfolder="text_encoder"),
