@@ -257,3 +257,16 @@ def test_bad_input_is_one_line_exit_2(tiny_teachers, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_lpips_that_cannot_load_names_the_fallback_flags(tiny_teachers, tmp_path, capsys, monkeypatch):
+    import lpips
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+    monkeypatch.setattr(lpips, "LPIPS", offline)
+    with pytest.raises(SystemExit) as e:
+        dmd.main(["--teacher", tiny_teachers["vp_class"], "--reg-loss", "lpips", "--device", "cpu",
+                  "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--reg-loss l2" in err and len(err.strip().splitlines()) == 1
