@@ -596,31 +596,39 @@ def atomic_save(obj, path):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-# ----------------------------------------------------------------------------------------------------------
-# Training: ADD (Sec. 3, Fig. 2)
-# ----------------------------------------------------------------------------------------------------------
-def train(args):
-    from tqdm import tqdm
+# Copied from dmd.py: setup_run
+def setup_run(args):
+    """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
+    group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
+    accum), makes the output folder, checks --resume and seeds this rank. -> (world, rank, local, device, accum)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    per_device = args.batch_size // world
+    if args.micro_batch is None:
+        args.micro_batch = max([d for d in range(1, min(32, per_device) + 1) if per_device % d == 0] or [1])
+    accum, rem = divmod(args.batch_size, args.micro_batch * world)
+    if rem or not accum or args.micro_batch < 1:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
+    if args.resume and not os.path.exists(os.path.join(args.output_dir, "checkpoint.pt")):
+        fail(f"--resume: no checkpoint at {os.path.join(args.output_dir, 'checkpoint.pt')}")
     if world > 1:
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
             args.device = f"cuda:{local}"
             torch.cuda.set_device(local)
-    device = torch.device(args.device)
-    per_device = args.batch_size // world
-    if args.micro_batch is None:
-        args.micro_batch = max([d for d in range(1, min(32, per_device) + 1) if per_device % d == 0] or [1])
-    accum, rem = divmod(args.batch_size, args.micro_batch * world)
-    if rem or not accum:
-        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
     os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    if args.resume and not os.path.exists(ckpt_path):
-        fail(f"--resume: no checkpoint at {ckpt_path}")
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
+    return world, rank, local, torch.device(args.device), accum
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: ADD (Sec. 3, Fig. 2)
+# ----------------------------------------------------------------------------------------------------------
+def train(args):
+    from tqdm import tqdm
+    world, rank, local, device, accum = setup_run(args)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
 
     # 0. frozen teacher psi, student theta (from the teacher, Table 1c), discriminator (frozen F + heads phi)
     tch = load_teacher(args, device)
