@@ -16,7 +16,7 @@ Equation map (paper, equation -> function)
   DMD Eq. 5-6   fake-score denoising loss ||mu_fake(x_t, t) - x||^2            -> denoising_loss
   DMD Eq. 7     distribution-matching gradient w_t alpha_t (s_fake - s_real)    -> distribution_matching_grad
   DMD Eq. 7     as a loss whose gradient w.r.t. x is that gradient             -> distribution_matching_loss
-  DMD Eq. 8     w_t = sigma_t^2 / alpha_t * C S / ||mu_real - x||_1 (+ Table 2) -> dmd_weight
+  DMD Eq. 8     w_t = sigma_t^2 / alpha_t * C S / ||mu_real - x||_1 (Table 2: alternatives) -> dmd_weight
   DMD Eq. 9     regression loss l(G(z), y), l = LPIPS | L2 | Huber              -> regression_loss
   DMD Alg. 1    the training loop                                               -> train
   EDM Table 1   preconditioning c_skip, c_out, c_in, c_noise (Karras et al.)    -> edm_precond
@@ -97,7 +97,7 @@ def parse_args(argv=None):
     a("--no-dm", action="store_true", help="ablation (Table 2): drop the distribution-matching loss")
     a("--no-reg", action="store_true", help="ablation (Table 2): drop the regression loss")
     a("--weighting", choices=["eq8", "sigma_over_alpha", "sigma3_over_alpha"], default="eq8",
-      help="DM gradient weight w_t: Eq. 8 or the two alternatives of Table 3")
+      help="DM gradient weight w_t: Eq. 8 or the two alternatives of Table 2")
     a("--t-min", type=float, default=0.02, help="DM / fake-score t ~ U[t_min T, t_max T]")
     a("--t-max", type=float, default=0.98, help="see --t-min")
     a("--resolution", type=int, default=512, help="text-to-image: image size (latents are 1/8)")
@@ -164,7 +164,7 @@ def score_from_x0(x_t, mu, alpha, sigma):
 
 def dmd_weight(x, mu_real, alpha, sigma, kind="eq8"):
     """DMD Eq. 8: w_t = sigma_t^2 / alpha_t * C S / ||mu_real(x_t, t) - x||_1, per sample, (B, ...) -> (B, 1, ..).
-    kind 'sigma_over_alpha' / 'sigma3_over_alpha': the alternatives of DMD Table 3, w_t = sigma_t / alpha_t
+    kind 'sigma_over_alpha' / 'sigma3_over_alpha': the alternatives of DMD Table 2, w_t = sigma_t / alpha_t
     and w_t = sigma_t^3 / alpha_t."""
     if kind == "eq8":
         norm = (mu_real - x).abs().flatten(1).mean(1).view((-1,) + (1,) * (x.dim() - 1))

@@ -124,7 +124,7 @@ def test_distribution_matching_gradient_between_two_gaussians():
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(dmd.distribution_matching_loss(xg, got), xg)
     torch.testing.assert_close(g, got / x.numel())
-    # Table 3 alternatives: w_t = sigma / alpha and sigma^3 / alpha
+    # Table 2 alternatives: w_t = sigma / alpha and sigma^3 / alpha
     torch.testing.assert_close(dmd.dmd_weight(x, mu_r, al, sg, "sigma_over_alpha"), sg / al)
     torch.testing.assert_close(dmd.dmd_weight(x, mu_r, al, sg, "sigma3_over_alpha"), sg ** 3 / al)
 
