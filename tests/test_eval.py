@@ -160,14 +160,16 @@ def test_sample_round_trip_dmd_student(tiny_teachers, tmp_path):
     assert len(saved["labels"]) == 5 and (tmp_path / "s" / "grid.png").exists()
 
 
-def test_sample_round_trip_add_student(tiny_add_world, tmp_path):
-    """One step: identical to add.py's own sampler; four steps run and differ from one step."""
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_sample_round_trip_add_student(tiny_add_world, tmp_path, kind):
+    """One step: identical to add.py's own sampler (SD1.5-like and SDXL-like text conditioning); four steps run
+    and differ from one step."""
     import add
-    add.train(add.parse_args(["--teacher", tiny_add_world["sd"], "--data", tiny_add_world["caps"], "--disc-backbone",
+    add.train(add.parse_args(["--teacher", tiny_add_world[kind], "--data", tiny_add_world["caps"], "--disc-backbone",
                               tiny_add_world["dino"], "--output-dir", str(tmp_path), "--max-steps", "1",
                               "--batch-size", "2", "--resolution", "16", "--device", "cpu"]))
     g = sample.Generator(str(tmp_path / "student"), "cpu")
-    targs = add.parse_args(["--teacher", tiny_add_world["sd"], "--data", "x", "--resolution", "16"])
+    targs = add.parse_args(["--teacher", tiny_add_world[kind], "--data", "x", "--resolution", "16"])
     tch = add.load_teacher(targs, torch.device("cpu"))
     prompts = ["a cat", "red sky"]
     z = torch.randn(2, *g.spec["sample_shape"])
