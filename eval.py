@@ -81,6 +81,18 @@ class Inception:
         return self.net(2 * x - 1).double().cpu()
 
 
+def center_crop(images, size):
+    """Centre crop uint8 (N, H, W[, C]) to size x size: e.g. 32 x 32 teacher samples (28 x 28 digits centred on a
+    black canvas) back to Fashion-MNIST's 28 x 28 before comparing with its reference."""
+    if not size:
+        return images
+    h, w = images.shape[1:3]
+    if size > min(h, w):
+        fail(f"--crop {size} is larger than the {h} x {w} images")
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[:, top:top + size, left:left + size]
+
+
 def stats_of(images, inception, batch_size=200):
     """uint8 images (N, H, W[, C]) -> (mu (2048,), sigma (2048, 2048)) of their Inception features."""
     from tqdm import tqdm
@@ -129,8 +141,9 @@ def load_dataset(name):
         fail(f"{name}: not on this machine and the download failed ({str(e).splitlines()[0][:80]})")
 
 
-def load_stats(source, inception_fn, batch_size=200):
-    """A stats .npz (mu, sigma) is read as is; anything else goes through the Inception network."""
+def load_stats(source, inception_fn, batch_size=200, crop=0):
+    """A stats .npz (mu, sigma) is read as is; anything else goes through the Inception network (after
+    an optional centre crop)."""
     if source.endswith(".npz") and os.path.isfile(source):
         with np.load(source) as d:
             if "mu" in d and "sigma" in d:
@@ -138,7 +151,7 @@ def load_stats(source, inception_fn, batch_size=200):
                 if mu.shape != (2048,) or sigma.shape != (2048, 2048):
                     fail(f"{source}: mu/sigma must be (2048,) and (2048, 2048), got {mu.shape}, {sigma.shape}")
                 return mu, sigma
-    return stats_of(load_images(source), inception_fn(), batch_size)
+    return stats_of(center_crop(load_images(source), crop), inception_fn(), batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,11 +230,13 @@ def parse_args(argv=None):
     f.add_argument("--samples", required=True, help="generated images: .npz, folder or stats .npz")
     f.add_argument("--ref", required=True, help="reference: .npz, folder, stats .npz or fashion-mnist|mnist|cifar10")
     f.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
+    f.add_argument("--crop", type=int, default=0, help="centre-crop the samples to N x N first (0: no crop)")
     f.add_argument("--device", **dev)
     s = sub.add_parser("stats", help="save (mu, sigma) of a set as .npz")
     s.add_argument("source", help=".npz, folder or fashion-mnist|mnist|cifar10")
     s.add_argument("--out", required=True, help="where to write the stats .npz")
     s.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
+    s.add_argument("--crop", type=int, default=0, help="centre-crop to N x N first (0: no crop)")
     s.add_argument("--device", **dev)
     c = sub.add_parser("clip", help="mean CLIP score of images against their prompts")
     c.add_argument("--samples", required=True, help="images: .npz (with `prompts`, or give --prompts) or folder")
@@ -248,6 +263,7 @@ def parse_args(argv=None):
     g.add_argument("--ref", default=None, help="if given, print the FID against this reference")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise and classes")
     g.add_argument("--batch-size", type=int, default=100, help="samples per forward pass")
+    g.add_argument("--crop", type=int, default=0, help="centre-crop the samples to N x N for the FID (0: no crop)")
     g.add_argument("--device", **dev)
     co = sub.add_parser("coco", help="COCO captions JSON -> prompts file (5k / 30k lists)")
     co.add_argument("--captions", required=True, help="captions_val2017.json or captions_val2014.json")
@@ -264,11 +280,11 @@ def main(argv=None):
     args = parse_args(argv)
     inception = lambda: Inception(args.device)  # noqa: E731 - loaded only when features are needed
     if args.cmd == "fid":
-        s1 = load_stats(args.samples, inception, args.batch_size)
+        s1 = load_stats(args.samples, inception, args.batch_size, args.crop)
         s2 = load_stats(args.ref, inception, args.batch_size)
         print(f"FID {frechet_distance(*s1, *s2):.4f}")
     elif args.cmd == "stats":
-        mu, sigma = stats_of(load_images(args.source), inception(), args.batch_size)
+        mu, sigma = stats_of(center_crop(load_images(args.source), args.crop), inception(), args.batch_size)
         np.savez(args.out, mu=mu, sigma=sigma)
         print(f"stats of {args.source} -> {args.out}")
     elif args.cmd == "clip":
@@ -326,7 +342,7 @@ def main(argv=None):
         np.savez(args.out, images=images, **extra)
         print(f"{len(images)} samples -> {args.out}")
         if args.ref:
-            s1 = stats_of(images, inception())
+            s1 = stats_of(center_crop(images, args.crop), inception())
             print(f"FID {frechet_distance(*s1, *load_stats(args.ref, inception)):.4f}")
     elif args.cmd == "coco":
         prompts = coco_prompts(args.captions, args.num, args.seed)

@@ -116,6 +116,13 @@ def test_coco_prompts(tmp_path):
     assert got == ev.coco_prompts(str(p), 5, seed=0) != ev.coco_prompts(str(p), 5, seed=1)
 
 
+def test_center_crop_undoes_the_teachers_padding():
+    rng = np.random.default_rng(0)
+    digits = (rng.random((3, 28, 28)) * 255).astype(np.uint8)
+    padded = np.pad(digits, ((0, 0), (2, 2), (2, 2)))       # what teacher.py's 32 x 32 canvas holds
+    assert (ev.center_crop(padded, 28) == digits).all() and ev.center_crop(padded, 0) is padded
+
+
 def test_latency_measure_reports_the_median():
     assert ev.measure(lambda: time.sleep(0.01), warmup=1, repeats=5) == pytest.approx(10, abs=5)
 
