@@ -23,7 +23,6 @@ import contextlib
 import copy
 import csv
 import json
-import math
 import os
 import random
 import sys
@@ -475,7 +474,7 @@ def step_subset(timesteps, n):
 def sample(tch, student, z, cond, timesteps, res):
     """ADD inference: x_hat = student(z, tau_1); then for each later student step s, re-noise
     x_s = alpha_s x_hat + sigma_s eps (zero-terminal-SNR schedule) and denoise again. Model space out."""
-    x = z
+    x, x_hat = z, None
     for i, s in enumerate(timesteps):
         t = torch.full((len(z),), s, device=z.device, dtype=torch.long)
         if i > 0:

@@ -14,7 +14,6 @@ all load it.
 """
 import argparse
 import copy
-import math
 import os
 import random
 import sys
