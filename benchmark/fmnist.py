@@ -1,0 +1,216 @@
+"""Offline end-to-end benchmark: a Fashion-MNIST teacher, distilled by DMD and ADD, scored with the standard FID.
+
+  python benchmark/fmnist.py --scale cpu      # what benchmark/results/ holds: 2 CPU cores, about 2 hours
+  python benchmark/fmnist.py --scale gpu      # the larger setting for one GPU (not run here: no GPU was lent)
+  python benchmark/fmnist.py --scale cpu --out runs/fmnist-cpu   # re-run: finished stages are skipped
+
+Every stage is a plain command of this repository (printed before it runs, its output in OUT/logs/):
+  1. teacher.py trains the class-conditional teacher (DDPM, zero terminal SNR, v-prediction).
+  2. dmd.py: full, --no-reg, --no-dm (DMD Table 2); add.py: --loss both (full), --loss adv, --loss distill
+     (ADD Table 1d).
+  3. eval.py stats: Inception statistics of the Fashion-MNIST test split (the reference).
+  4. eval.py generate ... --ref REF --crop 28, the same command for every row: the teacher at 1, 2, 4, 8, 16
+     and 32 Heun steps, DMD at one step, ADD at one and four steps (the CPU scale scores the two ADD
+     ablations at one step only).
+Rows land in benchmark/results/fmnist.csv (method,variant,steps,fid,train_steps,wall_s,device); wall_s is the
+training command's wall time (teacher rows: the teacher's training; DMD full also builds the regression pairs
+that --no-dm then reuses). Then the sample figure and the FID-vs-steps plot are drawn.
+Stages are skipped when their output exists; an interrupted training stage resumes from its checkpoint.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmark", "results")
+TEACHER_STEPS = [1, 2, 4, 8, 16, 32]
+
+# Per scale: the extra arguments of each script. The CPU scale is what fits 2 cores in about two hours:
+# a 0.7M-parameter UNet, a few hundred distillation steps, FID on 500 samples against 2000 test images, the
+# ADD ablations at one step only.
+SCALES = {
+    "cpu": dict(
+        teacher="--channels 16 32 64 --layers-per-block 1 --attention lowest --batch-size 64 --lr 1e-3 --warmup 100 "
+                "--ema 0.998 --max-steps 1200 --sample-every 400 --grid-steps 20 --ckpt-every 200",
+        dmd="--reg-loss l2 --num-pairs 2000 --ode-steps 18 --batch-size 32 --lr 1e-4 --warmup 50 --ema 0.99 "
+            "--max-steps 400 --log-every 10 --sample-every 100 --ckpt-every 100",
+        add="--resolution 32 --disc-backbone efficientnet-lite0 --disc-size 64 --batch-size 32 --lr 1e-4 "
+            "--lr-disc 1e-3 --max-steps 300 --log-every 10 --sample-every 100 --ckpt-every 100",
+        fid_num=500, ref_num=2000, add_ablation_steps=[1]),
+    "gpu": dict(
+        teacher="--batch-size 256 --lr 2e-4 --max-steps 20000 --ckpt-every 2000",
+        dmd="--reg-loss l2 --num-pairs 10000 --ode-steps 18 --batch-size 128 --lr 5e-5 --max-steps 5000 "
+            "--ckpt-every 1000",
+        add="--resolution 32 --disc-backbone efficientnet-lite0 --disc-size 224 --batch-size 128 --lr 1e-5 "
+            "--max-steps 5000 --ckpt-every 1000",
+        fid_num=10000, ref_num=10000, add_ablation_steps=[1, 4]),
+}
+DMD_VARIANTS = {"full": "", "no_reg": "--no-reg", "no_dm": "--no-dm"}
+ADD_VARIANTS = {"full": "--loss both", "adv": "--loss adv", "distill": "--loss distill"}
+FIELDS = ["method", "variant", "steps", "fid", "train_steps", "wall_s", "device"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scale", choices=list(SCALES), default=None, help="gpu if CUDA is visible, else cpu")
+    p.add_argument("--out", default=None, help="working folder (default runs/fmnist-SCALE)")
+    p.add_argument("--results", default=RESULTS, help="where fmnist.csv and the figures go")
+    p.add_argument("--fid-num", type=int, default=None, help="samples per FID row (default: the scale's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    args = p.parse_args(argv)
+    import torch
+    args.cuda = torch.cuda.is_available()
+    args.scale = args.scale or ("gpu" if args.cuda else "cpu")
+    args.out = args.out or os.path.join(ROOT, "runs", f"fmnist-{args.scale}")
+    args.device = torch.cuda.get_device_name(0) if args.cuda else "cpu"
+    return args
+
+
+def run(cmd, log):
+    """Run one repository command (a string), its output to log; -> (wall seconds, stdout text)."""
+    print("$ " + cmd, flush=True)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, *shlex.split(cmd)], cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True)
+        f.write(r.stdout)
+    if r.returncode:
+        print(f"benchmark: failed (exit {r.returncode}); the last lines of {log}:\n" +
+              "".join(open(log).readlines()[-15:]), file=sys.stderr)
+        sys.exit(2)
+    return time.time() - t0, r.stdout
+
+
+def train_stage(name, script, out_dir, extra, args, state):
+    """Train once (resuming if interrupted); remember wall time and steps in OUT/state.json."""
+    done = os.path.join(out_dir, "generator" if script == "dmd.py" else "student" if script == "add.py" else "unet")
+    if name not in state or not os.path.exists(done):
+        resume = " --resume" if os.path.exists(os.path.join(out_dir, "checkpoint.pt")) else ""
+        wall, _ = run(f"{script} --output-dir {out_dir} --seed {args.seed} {extra}{resume}",
+                      os.path.join(args.out, "logs", f"{name}.log"))
+        steps = int(re.search(r"--max-steps (\d+)", extra).group(1))
+        state[name] = {"wall_s": round(wall + (state.get(name, {}).get("wall_s", 0) if resume else 0), 1),
+                       "train_steps": steps}
+        json.dump(state, open(os.path.join(args.out, "state.json"), "w"), indent=1)
+    return state[name]
+
+
+def fid_row(rows, key, source, steps, args, info):
+    """One FID row: eval.py generate (fixed seed and count) against the reference statistics."""
+    if key in rows:
+        return
+    method, variant = key[0], key[1]
+    npz = os.path.join(args.out, "samples", f"{method}_{variant}_{steps}.npz")
+    _, out = run(f"eval.py generate {source} --steps {steps} --num {args.fid_num} --seed {args.seed} "
+                 f"--batch-size 250 --crop 28 --ref {args.ref} --out {npz}",
+                 os.path.join(args.out, "logs", f"fid_{method}_{variant}_{steps}.log"))
+    fid = float(re.findall(r"FID ([0-9.]+)", out)[-1])
+    rows[key] = dict(method=method, variant=variant, steps=steps, fid=round(fid, 2),
+                     train_steps=info["train_steps"], wall_s=info["wall_s"], device=args.device)
+    print(f"  {method} {variant} {steps} step(s): FID {fid:.2f}", flush=True)
+    write_csv(rows, args)
+
+
+def write_csv(rows, args):
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, "fmnist.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerows(rows.values())
+
+
+def read_csv(args):
+    path = os.path.join(args.results, "fmnist.csv")
+    if not os.path.exists(path):
+        return {}
+    return {(r["method"], r["variant"], int(r["steps"])): r for r in csv.DictReader(open(path))}
+
+
+def figures(rows, args):
+    """results/fmnist_samples.png (per class: teacher 32 steps | DMD 1 | ADD 1 | ADD 4) and
+    results/fmnist_fid_vs_steps.png (teacher FID against Heun steps, one-step students marked)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = [("teacher", "full", max(TEACHER_STEPS), f"teacher, {max(TEACHER_STEPS)} steps"),
+            ("dmd", "full", 1, "DMD, 1 step"), ("add", "full", 1, "ADD, 1 step"), ("add", "full", 4, "ADD, 4 steps")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6))
+    for ax, (m, v, s, title) in zip(axes, cols):
+        with np.load(os.path.join(args.out, "samples", f"{m}_{v}_{s}.npz")) as d:
+            ims, labels = d["images"][..., 0], d["labels"]
+        pick = [np.flatnonzero(labels == c)[:6] for c in range(10)]      # 6 samples of each class, one row each
+        grid = np.concatenate([np.concatenate(list(ims[i][:, 2:30, 2:30]), 1) for i in pick], 0)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{title}\nFID {float(rows[(m, v, s)]['fid']):.1f}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.results, "fmnist_samples.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ts = [s for s in TEACHER_STEPS if ("teacher", "full", s) in rows]
+    ax.plot(ts, [float(rows[("teacher", "full", s)]["fid"]) for s in ts], "o-", color="k", label="teacher (Heun)")
+    marks = [("dmd", "full", 1, "DMD", "C0", "s"), ("add", "full", 1, "ADD 1 step", "C1", "^"),
+             ("add", "full", 4, "ADD 4 steps", "C2", "v")]
+    for m, v, s, lab, c, mk in marks:
+        if (m, v, s) in rows:
+            ax.plot([s], [float(rows[(m, v, s)]["fid"])], mk, color=c, ms=9, label=lab)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(f"FID ({args.fid_num} samples)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.results, "fmnist_fid_vs_steps.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = SCALES[args.scale]
+    args.fid_num = args.fid_num or cfg["fid_num"]
+    os.makedirs(args.out, exist_ok=True)
+    state_path = os.path.join(args.out, "state.json")
+    state = json.load(open(state_path)) if os.path.exists(state_path) else {}
+    rows = read_csv(args)
+    t_dir = os.path.join(args.out, "teacher")
+    # 1. train everything
+    trained = {("teacher", "full"): train_stage("teacher", "teacher.py", t_dir,
+                                                "--dataset fashion-mnist " + cfg["teacher"], args, state)}
+    for v, flag in ADD_VARIANTS.items():
+        trained[("add", v)] = train_stage(f"add_{v}", "add.py", os.path.join(args.out, f"add_{v}"),
+                                          f"--teacher {t_dir} --data fashion-mnist {flag} {cfg['add']}", args, state)
+    pairs = os.path.join(args.out, "dmd_pairs")
+    for v, flag in DMD_VARIANTS.items():
+        trained[("dmd", v)] = train_stage(f"dmd_{v}", "dmd.py", os.path.join(args.out, f"dmd_{v}"),
+                                          f"--teacher {t_dir} --pairs-dir {pairs} {flag} {cfg['dmd']}", args, state)
+    # 2. the reference statistics, then one FID row per (model, sampling steps)
+    args.ref = os.path.join(args.out, f"ref_fmnist_test{cfg['ref_num']}.npz")
+    if not os.path.exists(args.ref):
+        run(f"eval.py stats fashion-mnist-test --num {cfg['ref_num']} --out {args.ref}",
+            os.path.join(args.out, "logs", "ref.log"))
+    for s in TEACHER_STEPS:
+        fid_row(rows, ("teacher", "full", s), f"--teacher {t_dir}", s, args, trained[("teacher", "full")])
+    for v in DMD_VARIANTS:
+        fid_row(rows, ("dmd", v, 1), f"--generator {args.out}/dmd_{v}/generator", 1, args, trained[("dmd", v)])
+    for v in ADD_VARIANTS:
+        for s in [1, 4] if v == "full" else cfg["add_ablation_steps"]:
+            fid_row(rows, ("add", v, s), f"--generator {args.out}/add_{v}/student", s, args, trained[("add", v)])
+    write_csv(rows, args)
+    figures(rows, args)
+    print(f"results: {os.path.join(args.results, 'fmnist.csv')}, fmnist_samples.png, fmnist_fid_vs_steps.png")
+    for r in rows.values():
+        print(",".join(str(r[k]) for k in FIELDS))
+
+
+if __name__ == "__main__":
+    main()

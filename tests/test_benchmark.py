@@ -1,0 +1,53 @@
+"""benchmark/fmnist.py: the orchestration (stages, skip-if-done, CSV rows, figures), with each repository
+command replaced by a stand-in that writes what the real command would (the real commands have their own tests)."""
+import csv
+import os
+import re
+
+import numpy as np
+
+from benchmark import fmnist
+
+
+def fake_run(calls):
+    def run(cmd, log):
+        calls.append(cmd)
+        out = re.search(r"--out(?:put-dir)? (\S+)", cmd).group(1)
+        if cmd.startswith(("teacher.py", "dmd.py", "add.py")):
+            sub = {"teacher.py": "unet", "dmd.py": "generator", "add.py": "student"}[cmd.split()[0]]
+            os.makedirs(os.path.join(out, sub), exist_ok=True)
+            return 12.5, ""
+        if cmd.startswith("eval.py stats"):
+            np.savez(out, mu=np.zeros(2048), sigma=np.eye(2048))
+            return 1.0, ""
+        steps = int(re.search(r"--steps (\d+)", cmd).group(1))
+        rng = np.random.default_rng(len(calls))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        np.savez(out, images=(rng.random((60, 32, 32, 1)) * 255).astype(np.uint8), labels=np.arange(60) % 10)
+        return 3.0, f"60 samples -> {out}\nFID {100.0 / steps + len(calls):.4f}\n"
+    return run
+
+
+def test_benchmark_runs_every_stage_once_and_writes_the_table(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fmnist, "run", fake_run(calls))
+    argv = ["--scale", "cpu", "--out", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
+    fmnist.main(argv)
+    trains = [c for c in calls if not c.startswith("eval.py")]
+    assert [c.split()[0] for c in trains] == ["teacher.py"] + ["add.py"] * 3 + ["dmd.py"] * 3
+    assert sum("--no-reg" in c for c in trains) == 1 and sum("--no-dm" in c for c in trains) == 1
+    assert [re.search(r"--loss (\w+)", c).group(1) for c in trains[1:4]] == ["both", "adv", "distill"]
+    fids = [c for c in calls if c.startswith("eval.py generate")]
+    assert len(fids) == 6 + 3 + 2 + 2 and all("--num 500 --seed 0" in c and "--crop 28" in c for c in fids)
+    rows = list(csv.DictReader(open(tmp_path / "r" / "fmnist.csv")))
+    assert list(rows[0]) == ["method", "variant", "steps", "fid", "train_steps", "wall_s", "device"]
+    got = {(r["method"], r["variant"], int(r["steps"])) for r in rows}
+    assert got == {("teacher", "full", s) for s in (1, 2, 4, 8, 16, 32)} | {("dmd", v, 1) for v in
+               ("full", "no_reg", "no_dm")} | {("add", "full", 4)} | {("add", v, 1) for v in ("full", "adv", "distill")}
+    dmd_full = next(r for r in rows if r["method"] == "dmd" and r["variant"] == "full")
+    assert dmd_full["train_steps"] == "400" and dmd_full["wall_s"] == "12.5" and dmd_full["device"] == "cpu"
+    assert float(dmd_full["fid"]) == 100.0 + calls.index(fids[6]) + 1
+    assert (tmp_path / "r" / "fmnist_samples.png").exists() and (tmp_path / "r" / "fmnist_fid_vs_steps.png").exists()
+    n = len(calls)
+    fmnist.main(argv)          # a re-run finds every stage done
+    assert len(calls) == n
