@@ -138,8 +138,9 @@ def parse_args(argv=None):
 # Math: schedules, preconditioning, the paper's equations (pure functions)
 # ----------------------------------------------------------------------------------------------------------
 def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM (Karras et al. 2022) Eq. 5 noise levels, ascending: sigma_0 = sigma_min ... sigma_{n-1} = sigma_max."""
-    i = torch.arange(n, dtype=torch.float64) / (n - 1)
+    """EDM (Karras et al. 2022) Eq. 5 noise levels, ascending: sigma_0 = sigma_min ... sigma_{n-1} = sigma_max
+    (n = 1: sigma_max alone, so a 1-step sampler starts from pure noise)."""
+    i = torch.arange(n, dtype=torch.float64) / max(n - 1, 1) + (1.0 if n == 1 else 0.0)
     return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
 
 
@@ -251,10 +252,11 @@ class Teacher:
 
     def t_of_ratio(self, r):
         """Inverse of r_t = sigma_t / alpha_t: the fractional step where the schedule has noise ratio r (float)."""
-        lr = math.log(r)
+        lr = min(max(math.log(r), self.log_r[0].item()), self.log_r[-1].item())
         i = int(torch.searchsorted(self.log_r, torch.tensor(lr, dtype=self.log_r.dtype, device=self.log_r.device)))
         i = min(max(i, 1), self.T - 1)
-        return i - 1 + (lr - self.log_r[i - 1].item()) / (self.log_r[i] - self.log_r[i - 1]).item()
+        step = (self.log_r[i] - self.log_r[i - 1]).item()    # 0 where a floored schedule repeats its last value
+        return float(i) if step == 0 else i - 1 + (lr - self.log_r[i - 1].item()) / step
 
     def cond_kwargs(self, cond):
         if self.text:

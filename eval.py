@@ -295,6 +295,7 @@ def main(argv=None):
                 fail(f"--num {args.num}: {args.source} has only {len(images)} images")
             images = images[np.sort(np.random.default_rng(0).permutation(len(images))[:args.num])]
         mu, sigma = stats_of(center_crop(images, args.crop), inception(), args.batch_size)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         np.savez(args.out, mu=mu, sigma=sigma, num=len(images))
         print(f"stats of {len(images)} images of {args.source} -> {args.out}")
     elif args.cmd == "clip":
@@ -349,6 +350,7 @@ def main(argv=None):
                                                     conds[i:i + args.batch_size]))
                                  for i in tqdm(range(0, args.num, args.batch_size), desc="generating", file=sys.stderr)])
         extra = {"labels": conds.numpy()} if kind == "class" else {"prompts": np.array(conds)} if kind == "text" else {}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         np.savez(args.out, images=images, **extra)
         print(f"{len(images)} samples -> {args.out}")
         if args.ref:

@@ -107,6 +107,23 @@ def test_heun_ode_sampler_lands_on_the_closed_form_endpoint(formulation):
     torch.testing.assert_close(tch.mu(tch.unet, x_t, t, None), tch.unet.denoise(x_t, a, s).float(), rtol=1e-4, atol=1e-4)
 
 
+def test_one_step_heun_is_the_denoiser_at_r_max_also_on_a_floored_zero_snr_schedule():
+    """steps = 1: one Euler step from r_max to 0 returns D(r_max z; r_max). Checked on a zero-terminal-SNR
+    schedule whose last alphabar values are floored to 2^-24 (a flat end of the log r table)."""
+    assert dmd.karras_sigmas(1, 0.002, 80.0).tolist() == [80.0]
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    abar[-3:] = 2.0 ** -24
+    tch = gaussian_teacher("vp")
+    tch = dmd.Teacher(tch.unet, "vp", ((1 - abar) / abar).sqrt().log())
+    tch.unet.tch = tch
+    r_max = tch.log_r[-1].exp().item()
+    assert tch.t_of_ratio(r_max) == 997.0 and tch.t_of_ratio(r_max * 1.001) == 997.0
+    z = torch.randn(4, 1, 4, 4)
+    t = torch.full((4,), 997.0)
+    alpha = tch.alpha_sigma(t)[0].view(-1, 1, 1, 1)
+    torch.testing.assert_close(tch.heun_sample(z, None, 1), tch.mu(tch.unet, alpha * r_max * z, t, None))
+
+
 def test_distribution_matching_gradient_between_two_gaussians():
     """Real N(m_r, v_r I), fake N(m_f, v_f I): closed-form diffused scores; Eq. 7 with Eq. 8's weight."""
     torch.manual_seed(0)

@@ -179,6 +179,15 @@ def test_sample_round_trip_dmd_student(tiny_teachers, tmp_path):
     saved = np.load(tmp_path / "s" / "samples.npz")
     assert saved["images"].dtype == np.uint8 and saved["images"].shape == (5, 8, 8, 3) and (saved["images"] == u8).all()
     assert len(saved["labels"]) == 5 and (tmp_path / "s" / "grid.png").exists()
+    # eval.py generate: the same samples (same seed), into a folder that does not exist yet, plus teacher
+    # sampling with one Heun step (a single Euler step from r_max)
+    new = tmp_path / "new" / "sub" / "g.npz"
+    ev.main(["generate", "--generator", str(tmp_path / "vp_class" / "generator"), "--num", "5", "--batch-size", "2",
+             "--out", str(new), "--device", "cpu"])
+    assert (np.load(new)["images"] == u8).all()
+    ev.main(["generate", "--teacher", tiny_teachers["vp_class"], "--steps", "1", "--num", "2", "--out",
+             str(tmp_path / "t1" / "t.npz"), "--device", "cpu"])
+    assert np.load(tmp_path / "t1" / "t.npz")["images"].shape == (2, 8, 8, 3)
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
