@@ -146,7 +146,8 @@ def figures(rows, args):
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6))
     for ax, (m, v, s, title) in zip(axes, cols):
         with np.load(os.path.join(args.out, "samples", f"{m}_{v}_{s}.npz")) as d:
-            ims, labels = d["images"][..., 0], d["labels"]
+            ims, labels = d["images"], d["labels"]
+        ims = ims[..., 0] if ims.ndim == 4 else ims                          # grey: (N, H, W) or (N, H, W, 1)
         pick = [np.flatnonzero(labels == c)[:6] for c in range(10)]      # 6 samples of each class, one row each
         grid = np.concatenate([np.concatenate(list(ims[i][:, 2:30, 2:30]), 1) for i in pick], 0)
         ax.imshow(grid, cmap="gray", vmin=0, vmax=255)

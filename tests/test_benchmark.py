@@ -23,7 +23,7 @@ def fake_run(calls):
         steps = int(re.search(r"--steps (\d+)", cmd).group(1))
         rng = np.random.default_rng(len(calls))
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        np.savez(out, images=(rng.random((60, 32, 32, 1)) * 255).astype(np.uint8), labels=np.arange(60) % 10)
+        np.savez(out, images=(rng.random((60, 32, 32)) * 255).astype(np.uint8), labels=np.arange(60) % 10)
         return 3.0, f"60 samples -> {out}\nFID {100.0 / steps + len(calls):.4f}\n"
     return run
 
