@@ -123,15 +123,14 @@ def test_center_crop_undoes_the_teachers_padding():
     assert (ev.center_crop(padded, 28) == digits).all() and ev.center_crop(padded, 0) is padded
 
 
-def test_stats_of_a_fixed_test_split_subset(tmp_path, capsys):
-    test = ev.load_images("fashion-mnist-test")
+def test_stats_of_a_fixed_test_split_subset(tmp_path, capsys, inception):
+    test = ev.load_images("fashion-mnist-test")      # the split itself: tests/test_teacher.py
     assert test.shape == (10000, 28, 28) and test.dtype == np.uint8
-    assert not np.array_equal(test[:100], ev.load_images("fashion-mnist")[:100])   # not the train split
     ev.main(["stats", "fashion-mnist-test", "--num", "3", "--out", str(tmp_path / "s.npz"), "--device", "cpu"])
     keep = np.sort(np.random.default_rng(0).permutation(10000)[:3])
     with np.load(tmp_path / "s.npz") as d:
         assert d["num"] == 3
-        np.testing.assert_allclose(d["mu"], ev.stats_of(test[keep], ev.Inception())[0], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(d["mu"], ev.stats_of(test[keep], inception)[0], rtol=1e-6, atol=1e-9)
     with pytest.raises(SystemExit) as e:
         ev.main(["stats", "fashion-mnist-test", "--num", "10001", "--out", str(tmp_path / "t.npz"), "--device", "cpu"])
     assert e.value.code == 2 and "has only 10000" in capsys.readouterr().err

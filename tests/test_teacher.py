@@ -40,7 +40,7 @@ def test_teacher_trains_exports_and_resumes(tmp_path, tiny_add_world):
 def test_fashion_mnist_splits_and_model_space():
     x, y = teacher.load_data("fashion-mnist", 0)
     xt, yt = teacher.load_data("fashion-mnist", 0, "test")
-    assert x.shape == (60000, 28, 28) and xt.shape == (10000, 28, 28)
+    assert x.shape == (60000, 28, 28) and xt.shape == (10000, 28, 28) and not np.array_equal(x[:100], xt[:100])
     assert sorted(np.bincount(y)) == [6000] * 10 and sorted(np.bincount(yt)) == [1000] * 10
     m = teacher.to_model_space(xt[:2])
     assert m.shape == (2, 1, 32, 32) and (m[..., :2, :] == -1).all() and (m[..., 2:30, 2:30] * 127.5 + 127.5).round().equal(
