@@ -140,7 +140,9 @@ def parse_args(argv=None):
 def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """EDM (Karras et al. 2022) Eq. 5 noise levels, ascending: sigma_0 = sigma_min ... sigma_{n-1} = sigma_max
     (n = 1: sigma_max alone, so a 1-step sampler starts from pure noise)."""
-    i = torch.arange(n, dtype=torch.float64) / max(n - 1, 1) + (1.0 if n == 1 else 0.0)
+    if n == 1:
+        return torch.tensor([float(sigma_max)], dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64) / (n - 1)
     return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
 
 

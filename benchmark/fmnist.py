@@ -91,15 +91,15 @@ def run(cmd, log):
 
 
 def train_stage(name, script, out_dir, extra, args, state):
-    """Train once (resuming if interrupted); remember wall time and steps in OUT/state.json."""
+    """Train once (resuming if interrupted); remember wall time and steps in OUT/state.json (the wall time of
+    the invocation that finished: a resumed stage counts only its resumed part)."""
     done = os.path.join(out_dir, "generator" if script == "dmd.py" else "student" if script == "add.py" else "unet")
     if name not in state or not os.path.exists(done):
         resume = " --resume" if os.path.exists(os.path.join(out_dir, "checkpoint.pt")) else ""
         wall, _ = run(f"{script} --output-dir {out_dir} --seed {args.seed} {extra}{resume}",
                       os.path.join(args.out, "logs", f"{name}.log"))
         steps = int(re.search(r"--max-steps (\d+)", extra).group(1))
-        state[name] = {"wall_s": round(wall + (state.get(name, {}).get("wall_s", 0) if resume else 0), 1),
-                       "train_steps": steps}
+        state[name] = {"wall_s": round(wall, 1), "train_steps": steps}   # of the invocation that finished
         json.dump(state, open(os.path.join(args.out, "state.json"), "w"), indent=1)
     return state[name]
 
