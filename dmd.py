@@ -83,6 +83,8 @@ def parse_args(argv=None):
     a("--micro-batch", type=int, default=None, help="samples per forward pass per device (default: the largest "
       "divisor of the per-device batch <= 32); the rest is gradient accumulation: batch = micro x devices x accum")
     a("--lr", type=float, default=None, help="AdamW learning rate of both networks (paper's by default)")
+    a("--lr-fake", type=float, default=None, help="deviation: the fake score's own learning rate, a two-time-scale "
+      "rule so it tracks the moving generator (DMD2); default: --lr, as in the paper")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     a("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
     a("--grad-clip", type=float, default=10.0, help="gradient-norm clip of both networks")
@@ -116,6 +118,7 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.kind].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.lr_fake = args.lr_fake or args.lr
     for k in ("max_steps", "batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
               "sample_every", "ckpt_every"):
         if getattr(args, k) < 1:
@@ -606,8 +609,8 @@ def train(args):
     fake = None if args.no_dm else copy.deepcopy(tch.unet).requires_grad_(True).train()
     ema = copy.deepcopy(gen).requires_grad_(False) if args.ema > 0 else None
     nets = [n for n in (gen, fake) if n is not None]
-    opts = [torch.optim.AdamW(n.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
-                              fused=device.type == "cuda") for n in nets]
+    opts = [torch.optim.AdamW(n.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
+                              fused=device.type == "cuda") for n, lr in zip(nets, (args.lr, args.lr_fake))]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / args.warmup)) for o in opts]
     step, history = 0, []
     if args.resume:

@@ -174,10 +174,11 @@ def make_sampler(args):
         if args.compile:
             g.net = torch.compile(g.net, mode="reduce-overhead" if args.device.startswith("cuda") else None)
         spec = g.spec
+        renoise = torch.Generator().manual_seed(args.seed + 1)   # multi-step re-noising: seeded, in call order
 
         def fn(z, c):
             cond = g.conditioning(labels=c, prompts=c) if c is not None else {}
-            return g(z, cond, args.steps)
+            return g(z, cond, args.steps, generator=renoise)
         return fn, tuple(spec["sample_shape"]), spec["conditioning"], spec["num_classes"]
     import dmd   # teachers are sampled with dmd.py's teacher wrapper (Heun ODE)
     targs = dmd.parse_args(["--teacher", args.teacher, "--guidance", str(args.guidance), "--device", args.device,

@@ -1,10 +1,12 @@
 """benchmark/fmnist.py: the orchestration (stages, skip-if-done, CSV rows, figures), with each repository
 command replaced by a stand-in that writes what the real command would (the real commands have their own tests)."""
 import csv
+import json
 import os
 import re
 
 import numpy as np
+import pytest
 
 from benchmark import fmnist
 
@@ -45,9 +47,43 @@ def test_benchmark_runs_every_stage_once_and_writes_the_table(tmp_path, monkeypa
     assert got == {("teacher", "full", s) for s in (1, 2, 4, 8, 16, 32)} | {("dmd", v, 1) for v in
                ("full", "no_reg", "no_dm")} | {("add", "full", 4)} | {("add", v, 1) for v in ("full", "adv", "distill")}
     dmd_full = next(r for r in rows if r["method"] == "dmd" and r["variant"] == "full")
-    assert dmd_full["train_steps"] == "400" and dmd_full["wall_s"] == "12.5" and dmd_full["device"] == "cpu"
+    assert dmd_full["train_steps"] == "1200" and dmd_full["wall_s"] == "12.5" and dmd_full["device"] == "cpu"
     assert float(dmd_full["fid"]) == 100.0 + calls.index(fids[6]) + 1
+    assert len(list(csv.DictReader(open(tmp_path / "r" / "fmnist_spread.csv")))) == len(rows)
     assert (tmp_path / "r" / "fmnist_samples.png").exists() and (tmp_path / "r" / "fmnist_fid_vs_steps.png").exists()
     n = len(calls)
     fmnist.main(argv)          # a re-run finds every stage done
     assert len(calls) == n
+    # a stage whose output is gone trains again, and only its own rows are scored again
+    state_path = tmp_path / "w" / "state.json"
+    state = json.load(open(state_path))
+    del state["dmd_no_reg"]
+    json.dump(state, open(state_path, "w"))
+    fmnist.main(argv)
+    assert [c.split()[0] for c in calls[n:]] == ["dmd.py", "eval.py"] and "--no-reg" in calls[n]
+    assert "dmd_no_reg" in calls[n + 1]
+
+
+def test_benchmark_refuses_a_stage_trained_with_other_arguments(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(fmnist, "run", fake_run(calls))
+    argv = ["--scale", "cpu", "--out", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
+    fmnist.main(argv)
+    n = len(calls)
+    monkeypatch.setitem(fmnist.SCALES["cpu"], "dmd", fmnist.SCALES["cpu"]["dmd"] + " --lambda-reg 1")
+    with pytest.raises(SystemExit) as e:
+        fmnist.main(argv)
+    assert e.value.code == 2 and len(calls) == n
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dmd_full was trained with other arguments" in err
+
+
+def test_within_class_spread_matches_a_direct_pairwise_computation():
+    rng = np.random.default_rng(0)
+    ims, labels = (rng.random((30, 4, 4)) * 255).astype(np.uint8), rng.integers(0, 3, 30)
+    x = ims.reshape(30, -1) / 255
+    want = np.mean([np.mean([((x[i] - x[j]) ** 2).mean() for i in np.flatnonzero(labels == c)
+                             for j in np.flatnonzero(labels == c) if i != j]) for c in range(3)])
+    assert fmnist.within_class_spread(ims, labels) == pytest.approx(want, rel=1e-12)
+    same = np.repeat(ims[:1], 30, 0)            # one template per class -> 0
+    assert fmnist.within_class_spread(same, labels) == pytest.approx(0, abs=1e-12)

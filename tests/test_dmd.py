@@ -199,13 +199,14 @@ def test_ablation_flags_run(tiny_teachers, tmp_path):
 
 def test_resume_continues_exactly(tiny_teachers, tmp_path):
     """4 steps straight == 2 steps, stop, --resume, 2 more steps: same losses, same weights (both networks)."""
-    common = ["--ema", "0.9"]
+    common = ["--ema", "0.9", "--lr-fake", "1e-3"]
     straight = run_dmd(tmp_path / "a", tiny_teachers["vp_class"], "--max-steps", "4", *common)
     run_dmd(tmp_path / "b", tiny_teachers["vp_class"], "--max-steps", "2", *common)
     resumed = run_dmd(tmp_path / "b", tiny_teachers["vp_class"], "--max-steps", "4", "--resume", *common)
     assert straight == resumed and len(resumed) == 4
     ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert [o["param_groups"][0]["initial_lr"] for o in cb["opts"]] == [5e-5, 1e-3]   # --lr (preset), --lr-fake
     for part in ("gen", "fake", "ema"):
         for k in ca[part]:
             torch.testing.assert_close(ca[part][k], cb[part][k], rtol=0, atol=0)
