@@ -118,7 +118,7 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.kind].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.lr_fake = args.lr_fake or args.lr
+    args.lr_fake = args.lr if args.lr_fake is None else args.lr_fake
     for k in ("max_steps", "batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
               "sample_every", "ckpt_every"):
         if getattr(args, k) < 1:
