@@ -64,6 +64,8 @@ def parse_args(argv=None):
     a("--resolution", type=int, default=512, help="training image size (images are resized and centre-cropped)")
     a("--output-dir", default="runs/add", help="samples, logs, checkpoints and the exported student")
     a("--max-steps", type=int, default=10_000, help="student updates (the paper gives none)")
+    a("--max-minutes", type=float, default=0.0,
+      help="also stop (checkpoint, samples, export) after this many minutes of training; 0 = no limit")
     a("--batch-size", type=int, default=4, help="global batch of real images per update")
     a("--micro-batch", type=int, default=None, help="images per forward pass per device (default: the largest "
       "divisor of the per-device batch <= 32); the rest is gradient accumulation")
@@ -99,6 +101,8 @@ def parse_args(argv=None):
     a("--sample-every", type=int, default=500, help="steps between sample grids (1 and 4 steps)")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     args = p.parse_args(argv)
+    if args.max_minutes < 0:
+        p.error("--max-minutes must be >= 0")
     for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -598,6 +602,17 @@ def atomic_save(obj, path):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
+# Copied from dmd.py: out_of_time
+def out_of_time(t_start, max_minutes, world, device):
+    """True once this invocation has trained for max_minutes (0: never); all ranks follow rank 0's clock."""
+    if not max_minutes:
+        return False
+    up = torch.tensor(float(time.time() - t_start > 60 * max_minutes), device=device)
+    if world > 1:
+        torch.distributed.broadcast(up, 0)
+    return bool(up.item())
+
+
 # Copied from dmd.py: setup_run
 def setup_run(args):
     """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
@@ -703,7 +718,7 @@ def train(args):
         atomic_save(rng_state(), os.path.join(args.output_dir, f"rng_rank{rank}.pt"))
 
     bar = tqdm(total=args.max_steps, initial=step, desc="ADD", disable=rank != 0, file=sys.stderr)
-    m = args.micro_batch
+    m, t_start = args.micro_batch, time.time()
     while step < args.max_steps:
         t0 = time.time()
         sums = {"loss_adv": 0.0, "loss_distill": 0.0, "loss_disc": 0.0, "r1": 0.0}
@@ -778,11 +793,12 @@ def train(args):
         bar.update()
         bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in sums.items()} |
                         {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
-        if step % args.log_every == 0 or step == args.max_steps:
+        last = step == args.max_steps or out_of_time(t_start, args.max_minutes, world, device)
+        if step % args.log_every == 0 or last:
             history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}})
             if rank == 0:
                 write_log(history, args.output_dir)
-        if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
+        if rank == 0 and (step % args.sample_every == 0 or last):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
                     autocast(args):
                 torch.manual_seed(args.seed + 999)   # the grids do not touch the training RNG
@@ -792,8 +808,10 @@ def train(args):
             from torchvision.utils import save_image
             save_image((torch.cat(rows).float().clamp(-1, 1) + 1) / 2,
                        os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
-        if step % args.ckpt_every == 0 or step == args.max_steps:
+        if step % args.ckpt_every == 0 or last:
             checkpoint()
+        if last:
+            break
     bar.close()
     if rank == 0:
         export_student(tch, student, args, shape, os.path.join(args.output_dir, "student"))

@@ -77,7 +77,10 @@ def parse_args(argv=None):
     a("--prompts", default=None, help="text-to-image: a file of prompts, one per line")
     a("--guidance", type=float, default=3.0, help="classifier-free guidance of the real score (text-to-image)")
     a("--output-dir", default="runs/dmd", help="samples, logs, checkpoints and the exported generator")
-    a("--max-steps", type=int, default=None, help="generator updates (default: the paper's for the setting)")
+    a("--max-steps", type=int, default=None,
+      help="generator updates (default: the paper's for the setting); 0 = only build the regression pairs")
+    a("--max-minutes", type=float, default=0.0,
+      help="also stop (checkpoint, samples, export) after this many minutes of training; 0 = no limit")
     a("--batch-size", type=int, default=None,
       help="global batch of generated samples per update, and as many regression pairs (paper's by default)")
     a("--micro-batch", type=int, default=None, help="samples per forward pass per device (default: the largest "
@@ -119,7 +122,9 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.lr_fake = args.lr if args.lr_fake is None else args.lr_fake
-    for k in ("max_steps", "batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
+    if args.max_steps < 0 or args.max_minutes < 0:
+        p.error("--max-steps and --max-minutes must be >= 0")
+    for k in ("batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
               "sample_every", "ckpt_every"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -559,6 +564,16 @@ def export_generator(tch, gen, shape, args, path):
         json.dump(spec, f, indent=2)
 
 
+def out_of_time(t_start, max_minutes, world, device):
+    """True once this invocation has trained for max_minutes (0: never); all ranks follow rank 0's clock."""
+    if not max_minutes:
+        return False
+    up = torch.tensor(float(time.time() - t_start > 60 * max_minutes), device=device)
+    if world > 1:
+        torch.distributed.broadcast(up, 0)
+    return bool(up.item())
+
+
 def setup_run(args):
     """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
     group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
@@ -605,6 +620,9 @@ def train(args):
             fail(f"LPIPS-VGG could not load ({str(e).splitlines()[0][:120]}): its VGG16 weights are a torchvision "
                  "download; offline, use --reg-loss l2 or --reg-loss huber")
     shards = None if args.no_reg else build_pairs(tch, conds, args, shape, device, rank, world)
+    if args.max_steps == 0:
+        print(f"regression pairs ready in {args.pairs_dir}; --max-steps 0: no training")
+        return []
     gen = copy.deepcopy(tch.unet).requires_grad_(True).train()
     fake = None if args.no_dm else copy.deepcopy(tch.unet).requires_grad_(True).train()
     ema = copy.deepcopy(gen).requires_grad_(False) if args.ema > 0 else None
@@ -652,7 +670,7 @@ def train(args):
         atomic_save(rng_state(), os.path.join(args.output_dir, f"rng_rank{rank}.pt"))
 
     bar = tqdm(total=args.max_steps, initial=step, desc="DMD", disable=rank != 0, file=sys.stderr)
-    m = args.micro_batch
+    m, t_start = args.micro_batch, time.time()
     while step < args.max_steps:
         t0 = time.time()
         sums = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_fake": 0.0}
@@ -724,15 +742,18 @@ def train(args):
         step += 1
         bar.update()
         bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in sums.items()} | {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
-        if step % args.log_every == 0 or step == args.max_steps:
+        last = step == args.max_steps or out_of_time(t_start, args.max_minutes, world, device)
+        if step % args.log_every == 0 or last:
             history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}})
             if rank == 0:
                 write_log(history, args.output_dir)
-        if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
+        if rank == 0 and (step % args.sample_every == 0 or last):
             with torch.no_grad(), autocast(args):
                 save_grid(tch, G(z_vis, ids_vis), os.path.join(args.output_dir, f"samples_{step:07d}.png"))
-        if step % args.ckpt_every == 0 or step == args.max_steps:
+        if step % args.ckpt_every == 0 or last:
             checkpoint()
+        if last:
+            break
     bar.close()
     if rank == 0:
         export_generator(tch, ema if ema is not None else gen, shape, args, os.path.join(args.output_dir, "generator"))

@@ -25,7 +25,9 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -44,14 +46,19 @@ SCALES = {
             "--ema 0.99 --max-steps 1200 --log-every 10 --sample-every 100 --ckpt-every 100",
         add="--resolution 32 --disc-backbone efficientnet-lite0 --disc-size 64 --batch-size 32 --lr 1e-4 "
             "--lr-disc 1e-3 --max-steps 600 --log-every 10 --sample-every 100 --ckpt-every 100",
-        fid_num=500, ref_num=2000, add_ablation_steps=[1]),
+        fid_num=500, ref_num=2000, add_ablation_steps=[1], jobs=1, gen_batch=250),
     "gpu": dict(
-        teacher="--batch-size 256 --lr 2e-4 --max-steps 20000 --ckpt-every 2000",
-        dmd="--reg-loss l2 --num-pairs 10000 --ode-steps 18 --batch-size 128 --lr 5e-5 --lr-fake 5e-4 "
-            "--max-steps 5000 --ckpt-every 1000",
-        add="--resolution 32 --disc-backbone efficientnet-lite0 --disc-size 224 --batch-size 128 --lr 1e-5 "
-            "--max-steps 5000 --ckpt-every 1000",
-        fid_num=10000, ref_num=10000, add_ablation_steps=[1, 4]),
+        teacher="--channels 32 64 128 --layers-per-block 2 --attention lowest --batch-size 512 --lr 5e-4 "
+                "--warmup 200 --ema 0.999 --max-steps 100000 --max-minutes 2.5 --mixed-precision no --log-every 50 "
+                "--sample-every 1000 --ckpt-every 500",
+        dmd="--reg-loss l2 --num-pairs 10000 --ode-steps 18 --batch-size 128 --micro-batch 128 --lr 1e-4 --lr-fake 1e-3 "
+            "--warmup 50 "
+            "--ema 0.99 --max-steps 100000 --max-minutes 3 --mixed-precision no --log-every 20 --sample-every 500 "
+            "--ckpt-every 250",
+        add="--resolution 32 --disc-backbone efficientnet-lite0 --disc-size 64 --batch-size 128 --micro-batch 128 "
+            "--lr 1e-4 --lr-disc 1e-3 --max-steps 100000 --max-minutes 3 --mixed-precision no --log-every 20 "
+            "--sample-every 500 --ckpt-every 250",
+        fid_num=10000, ref_num=10000, add_ablation_steps=[1, 4], jobs=6, gen_batch=1000),
 }
 DMD_VARIANTS = {"full": "", "no_reg": "--no-reg", "no_dm": "--no-dm"}
 ADD_VARIANTS = {"full": "--loss both", "adv": "--loss adv", "distill": "--loss distill"}
@@ -66,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--results", default=RESULTS, help="where fmnist.csv and the figures go")
     p.add_argument("--fid-num", type=int, default=None, help="samples per FID row (default: the scale's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--jobs", type=int, default=None, help="stages run at once after the teacher (the six "
+                   "trainings, then the FID rows) sharing the device (default: the scale's: cpu 1, gpu 6)")
+    p.add_argument("--skip-fid", action="store_true", help="train (and build the DMD pairs), then stop")
     args = p.parse_args(argv)
     import torch
     args.cuda = torch.cuda.is_available()
@@ -73,6 +83,9 @@ def parse_args(argv=None):
     args.out = args.out or os.path.join(ROOT, "runs", f"fmnist-{args.scale}")
     args.device = torch.cuda.get_device_name(0) if args.cuda else "cpu"
     return args
+
+
+LOCK = threading.Lock()   # guards rows, state and their files when stages run at once
 
 
 def run(cmd, log):
@@ -95,19 +108,23 @@ def train_stage(name, script, out_dir, extra, args, state, rows, key):
     the invocation that finished: a resumed stage counts only its resumed part). A stage that trains drops
     its model's old FID rows, so they are scored again."""
     done = os.path.join(out_dir, "generator" if script == "dmd.py" else "student" if script == "add.py" else "unet")
-    if name in state and state[name].get("args") != extra:
+    with LOCK:
+        stale = name in state and state[name].get("args") != extra
+    if stale:
         print(f"benchmark: error: {out_dir} was trained with other arguments than this version's; move it (and "
               f"its entry in {args.out}/state.json) away, or use another --out", file=sys.stderr)
         sys.exit(2)
     if name not in state or not os.path.exists(done):
-        for k in [k for k in rows if k[:2] == key]:
-            del rows[k]
+        with LOCK:
+            for k in [k for k in rows if k[:2] == key]:
+                del rows[k]
         resume = " --resume" if os.path.exists(os.path.join(out_dir, "checkpoint.pt")) else ""
-        wall, _ = run(f"{script} --output-dir {out_dir} --seed {args.seed} {extra}{resume}",
-                      os.path.join(args.out, "logs", f"{name}.log"))
-        steps = int(re.search(r"--max-steps (\d+)", extra).group(1))
-        state[name] = {"wall_s": round(wall, 1), "train_steps": steps, "args": extra}   # wall: the last invocation
-        json.dump(state, open(os.path.join(args.out, "state.json"), "w"), indent=1)
+        wall, out = run(f"{script} --output-dir {out_dir} --seed {args.seed} {extra}{resume}",
+                        os.path.join(args.out, "logs", f"{name}.log"))
+        steps = int(re.findall(r"step (\d+)\)", out)[-1])   # the step it stopped at (--max-minutes can end it early)
+        with LOCK:
+            state[name] = {"wall_s": round(wall, 1), "train_steps": steps, "args": extra}   # wall: the last invocation
+            json.dump(state, open(os.path.join(args.out, "state.json"), "w"), indent=1)
     return state[name]
 
 
@@ -118,13 +135,14 @@ def fid_row(rows, key, source, steps, args, info):
     method, variant = key[0], key[1]
     npz = os.path.join(args.out, "samples", f"{method}_{variant}_{steps}.npz")
     _, out = run(f"eval.py generate {source} --steps {steps} --num {args.fid_num} --seed {args.seed} "
-                 f"--batch-size 250 --crop 28 --ref {args.ref} --out {npz}",
+                 f"--batch-size {args.gen_batch} --crop 28 --ref {args.ref} --out {npz}",
                  os.path.join(args.out, "logs", f"fid_{method}_{variant}_{steps}.log"))
     fid = float(re.findall(r"FID ([0-9.]+)", out)[-1])
-    rows[key] = dict(method=method, variant=variant, steps=steps, fid=round(fid, 2),
-                     train_steps=info["train_steps"], wall_s=info["wall_s"], device=args.device)
-    print(f"  {method} {variant} {steps} step(s): FID {fid:.2f}", flush=True)
-    write_csv(rows, args)
+    with LOCK:
+        rows[key] = dict(method=method, variant=variant, steps=steps, fid=round(fid, 2),
+                         train_steps=info["train_steps"], wall_s=info["wall_s"], device=args.device)
+        print(f"  {method} {variant} {steps} step(s): FID {fid:.2f}", flush=True)
+        write_csv(rows, args)
 
 
 def write_csv(rows, args):
@@ -132,7 +150,21 @@ def write_csv(rows, args):
     with open(os.path.join(args.results, "fmnist.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, FIELDS)
         w.writeheader()
-        w.writerows(rows.values())
+        w.writerows(sorted(rows.values(), key=row_order))
+
+
+def row_order(r):
+    """Table order: teacher, dmd, add; variants as listed; then sampling steps."""
+    variants = ["full", "no_reg", "no_dm", "adv", "distill"]
+    return ["teacher", "dmd", "add"].index(r["method"]), variants.index(r["variant"]), int(r["steps"])
+
+
+def parallel(jobs, tasks):
+    """Run the thunks `tasks`, `jobs` at a time; the first failure (a one-line exit) stops the benchmark."""
+    if jobs <= 1:
+        return [t() for t in tasks]
+    with ThreadPoolExecutor(jobs) as ex:
+        return [f.result() for f in [ex.submit(t) for t in tasks]]
 
 
 def read_csv(args):
@@ -209,42 +241,48 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = SCALES[args.scale]
     args.fid_num = args.fid_num or cfg["fid_num"]
+    args.jobs = args.jobs or cfg["jobs"]
+    args.gen_batch = cfg["gen_batch"]
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else {}
     rows = read_csv(args)
     t_dir = os.path.join(args.out, "teacher")
-    # 1. train everything
+    # 1. train everything: the teacher, the DMD regression pairs, then the six students (--jobs at once)
     trained = {("teacher", "full"): train_stage("teacher", "teacher.py", t_dir,
                                                 "--dataset fashion-mnist " + cfg["teacher"], args, state,
                                                 rows, ("teacher", "full"))}
-    for v, flag in ADD_VARIANTS.items():
-        trained[("add", v)] = train_stage(f"add_{v}", "add.py", os.path.join(args.out, f"add_{v}"),
-                                          f"--teacher {t_dir} --data fashion-mnist {flag} {cfg['add']}", args, state,
-                                          rows, ("add", v))
     pairs = os.path.join(args.out, "dmd_pairs")
-    for v, flag in DMD_VARIANTS.items():
-        trained[("dmd", v)] = train_stage(f"dmd_{v}", "dmd.py", os.path.join(args.out, f"dmd_{v}"),
-                                          f"--teacher {t_dir} --pairs-dir {pairs} {flag} {cfg['dmd']}", args, state,
-                                          rows, ("dmd", v))
+    if not os.path.exists(os.path.join(pairs, "done")):
+        wall, _ = run(f"dmd.py --teacher {t_dir} --pairs-dir {pairs} --output-dir {pairs} --seed {args.seed} "
+                      f"{cfg['dmd']} --max-steps 0", os.path.join(args.out, "logs", "dmd_pairs.log"))
+        open(os.path.join(pairs, "done"), "w").write(f"{wall:.1f}\n")   # its wall time, seconds
+    stages = [(f"add_{v}", "add.py", f"--teacher {t_dir} --data fashion-mnist {flag} {cfg['add']}", ("add", v))
+              for v, flag in ADD_VARIANTS.items()]
+    stages += [(f"dmd_{v}", "dmd.py", f"--teacher {t_dir} --pairs-dir {pairs} {flag} {cfg['dmd']}", ("dmd", v))
+               for v, flag in DMD_VARIANTS.items()]
+    infos = parallel(args.jobs, [lambda st=st: train_stage(st[0], st[1], os.path.join(args.out, st[0]), st[2], args,
+                                                           state, rows, st[3]) for st in stages])
+    trained.update({st[3]: info for st, info in zip(stages, infos)})
+    if args.skip_fid:
+        print(f"trained: {', '.join(st[0] for st in stages)} (--skip-fid: no FID rows)")
+        return
     # 2. the reference statistics, then one FID row per (model, sampling steps)
     args.ref = os.path.join(args.out, f"ref_fmnist_test{cfg['ref_num']}.npz")
     if not os.path.exists(args.ref):
         run(f"eval.py stats fashion-mnist-test --num {cfg['ref_num']} --out {args.ref}",
             os.path.join(args.out, "logs", "ref.log"))
-    for s in TEACHER_STEPS:
-        fid_row(rows, ("teacher", "full", s), f"--teacher {t_dir}", s, args, trained[("teacher", "full")])
-    for v in DMD_VARIANTS:
-        fid_row(rows, ("dmd", v, 1), f"--generator {args.out}/dmd_{v}/generator", 1, args, trained[("dmd", v)])
-    for v in ADD_VARIANTS:
-        for s in [1, 4] if v == "full" else cfg["add_ablation_steps"]:
-            fid_row(rows, ("add", v, s), f"--generator {args.out}/add_{v}/student", s, args, trained[("add", v)])
+    todo = [(("teacher", "full", s), f"--teacher {t_dir}", s) for s in TEACHER_STEPS]
+    todo += [(("dmd", v, 1), f"--generator {args.out}/dmd_{v}/generator", 1) for v in DMD_VARIANTS]
+    todo += [(("add", v, s), f"--generator {args.out}/add_{v}/student", s) for v in ADD_VARIANTS
+             for s in ([1, 4] if v == "full" else cfg["add_ablation_steps"])]
+    parallel(args.jobs, [lambda t=t: fid_row(rows, t[0], t[1], t[2], args, trained[t[0][:2]]) for t in todo])
     write_csv(rows, args)
     write_spread(rows, args)
     figures(rows, args)
     print(f"results: {os.path.join(args.results, 'fmnist.csv')}, fmnist_spread.csv, fmnist_samples.png, "
           "fmnist_fid_vs_steps.png")
-    for r in rows.values():
+    for r in sorted(rows.values(), key=row_order):
         print(",".join(str(r[k]) for k in FIELDS))
 
 

@@ -124,6 +124,10 @@ def test_resume_continues_exactly(tiny_add_world, tmp_path):
         for k in ca[part]:
             torch.testing.assert_close(ca[part][k], cb[part][k], rtol=0, atol=0)
     assert run_add(tiny_add_world, tmp_path / "c", "pix", "cls", "--max-steps", "4", "--seed", "1") != straight
+    # --max-minutes: stops after the step in which the time ran out, checkpointed and exported
+    h = run_add(tiny_add_world, tmp_path / "t", "pix", "cls", "--max-steps", "50", "--max-minutes", "1e-9")
+    assert [r["step"] for r in h] == [1] and (tmp_path / "t" / "student").is_dir()
+    assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=False)["step"] == 1
 
 
 def _functions(path):

@@ -18,7 +18,8 @@ def fake_run(calls):
         if cmd.startswith(("teacher.py", "dmd.py", "add.py")):
             sub = {"teacher.py": "unet", "dmd.py": "generator", "add.py": "student"}[cmd.split()[0]]
             os.makedirs(os.path.join(out, sub), exist_ok=True)
-            return 12.5, ""
+            steps = re.findall(r"--max-steps (\d+)", cmd)[-1]   # the last one wins, as in argparse
+            return 12.5, f"saved to {out} (step {steps})\n"
         if cmd.startswith("eval.py stats"):
             np.savez(out, mu=np.zeros(2048), sigma=np.eye(2048))
             return 1.0, ""
@@ -36,9 +37,10 @@ def test_benchmark_runs_every_stage_once_and_writes_the_table(tmp_path, monkeypa
     argv = ["--scale", "cpu", "--out", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
     fmnist.main(argv)
     trains = [c for c in calls if not c.startswith("eval.py")]
-    assert [c.split()[0] for c in trains] == ["teacher.py"] + ["add.py"] * 3 + ["dmd.py"] * 3
+    assert [c.split()[0] for c in trains] == ["teacher.py", "dmd.py"] + ["add.py"] * 3 + ["dmd.py"] * 3
+    assert trains[1].endswith("--max-steps 0")   # the regression pairs, built once for DMD full and --no-dm
     assert sum("--no-reg" in c for c in trains) == 1 and sum("--no-dm" in c for c in trains) == 1
-    assert [re.search(r"--loss (\w+)", c).group(1) for c in trains[1:4]] == ["both", "adv", "distill"]
+    assert [re.search(r"--loss (\w+)", c).group(1) for c in trains[2:5]] == ["both", "adv", "distill"]
     fids = [c for c in calls if c.startswith("eval.py generate")]
     assert len(fids) == 6 + 3 + 2 + 2 and all("--num 500 --seed 0" in c and "--crop 28" in c for c in fids)
     rows = list(csv.DictReader(open(tmp_path / "r" / "fmnist.csv")))
@@ -62,6 +64,25 @@ def test_benchmark_runs_every_stage_once_and_writes_the_table(tmp_path, monkeypa
     fmnist.main(argv)
     assert [c.split()[0] for c in calls[n:]] == ["dmd.py", "eval.py"] and "--no-reg" in calls[n]
     assert "dmd_no_reg" in calls[n + 1]
+
+
+def test_parallel_stages_and_skip_fid(tmp_path, monkeypatch):
+    """--jobs 3 runs the same commands (in another order); --skip-fid trains only, a later run scores."""
+    calls = []
+    monkeypatch.setattr(fmnist, "run", fake_run(calls))
+    argv = ["--scale", "cpu", "--out", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--jobs", "3"]
+    fmnist.main([*argv, "--skip-fid"])
+    assert len(calls) == 8 and not any(c.startswith("eval.py") for c in calls)
+    assert not (tmp_path / "r" / "fmnist.csv").exists()
+    fmnist.main(argv)
+    assert sum(c.startswith("eval.py generate") for c in calls) == 13 and len(calls) == 8 + 1 + 13
+    rows = list(csv.DictReader(open(tmp_path / "r" / "fmnist.csv")))
+    assert [(r["method"], r["variant"], r["steps"]) for r in rows][:7] == \
+        [("teacher", "full", str(s)) for s in (1, 2, 4, 8, 16, 32)] + [("dmd", "full", "1")]
+    sequential = []
+    monkeypatch.setattr(fmnist, "run", fake_run(sequential))
+    fmnist.main(["--scale", "cpu", "--out", str(tmp_path / "s"), "--results", str(tmp_path / "rs")])
+    assert sorted(calls) == sorted(c.replace(str(tmp_path / "s"), str(tmp_path / "w")) for c in sequential)
 
 
 def test_benchmark_refuses_a_stage_trained_with_other_arguments(tmp_path, monkeypatch, capsys):

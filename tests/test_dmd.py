@@ -215,6 +215,19 @@ def test_resume_continues_exactly(tiny_teachers, tmp_path):
     assert other != straight
 
 
+def test_time_limit_stops_checkpoints_and_exports_and_max_steps_0_only_builds_pairs(tiny_teachers, tmp_path):
+    """--max-minutes ends the run after the step in which the time ran out, like a finished one: log row,
+    checkpoint and export at that step; a resume then continues. --max-steps 0 builds the pairs and stops."""
+    h = run_dmd(tmp_path / "t", tiny_teachers["vp_class"], "--max-steps", "50", "--max-minutes", "1e-9")
+    assert [r["step"] for r in h] == [1]
+    assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert (tmp_path / "t" / "generator" / "generator.json").exists() and (tmp_path / "t" / "samples_0000001.png").exists()
+    h = run_dmd(tmp_path / "t", tiny_teachers["vp_class"], "--max-steps", "3", "--resume")
+    assert [r["step"] for r in h] == [1, 2, 3]
+    assert run_dmd(tmp_path / "p", tiny_teachers["vp_class"], "--max-steps", "0") == []
+    assert len(os.listdir(tmp_path / "p" / "pairs")) == 2 and not (tmp_path / "p" / "generator").exists()
+
+
 def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path):
     """Shards are a function of (seed, shard): a deleted shard is rebuilt identically; others are kept."""
     args = dmd.parse_args(["--teacher", tiny_teachers["vp_class"], "--output-dir", str(tmp_path), "--num-pairs", "6",

@@ -37,6 +37,13 @@ def test_teacher_trains_exports_and_resumes(tmp_path, tiny_add_world):
         assert torch.isfinite(x).all() and x.shape == (2, 1, 32, 32)
 
 
+def test_time_limit_stops_after_a_step_with_checkpoint_and_export(tmp_path):
+    h = teacher.main([*TINY, "--max-steps", "50", "--max-minutes", "1e-9", "--output-dir", str(tmp_path)])
+    assert [r["step"] for r in h] == [1]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert (tmp_path / "unet" / "config.json").exists() and (tmp_path / "samples_0000001.png").exists()
+
+
 def test_fashion_mnist_splits_and_model_space():
     x, y = teacher.load_data("fashion-mnist", 0)
     xt, yt = teacher.load_data("fashion-mnist", 0, "test")
