@@ -1,21 +1,24 @@
 """Offline end-to-end benchmark: a Fashion-MNIST teacher, distilled by DMD and ADD, scored with the standard FID.
 
-  python benchmark/fmnist.py --scale cpu      # what benchmark/results/ holds: 2 CPU cores, about 2.5 hours
-  python benchmark/fmnist.py --scale gpu      # the larger setting for one GPU (not run here: no GPU was lent)
+  python benchmark/fmnist.py --scale gpu      # benchmark/results/: one GPU, about 8 minutes of training
+  python benchmark/fmnist.py --scale cpu      # benchmark/results/cpu/: 2 CPU cores, about 2.5 hours
+  python benchmark/fmnist.py --scale gpu --skip-fid   # train only; a later run (same --out) scores
   python benchmark/fmnist.py --scale cpu --out runs/fmnist-cpu   # re-run: finished stages are skipped
 
 Every stage is a plain command of this repository (printed before it runs, its output in OUT/logs/):
   1. teacher.py trains the class-conditional teacher (DDPM, zero terminal SNR, v-prediction).
-  2. dmd.py: full, --no-reg, --no-dm (DMD Table 2); add.py: --loss both (full), --loss adv, --loss distill
-     (ADD Table 1d).
-  3. eval.py stats: Inception statistics of the Fashion-MNIST test split (the reference).
-  4. eval.py generate ... --ref REF --crop 28, the same command for every row: the teacher at 1, 2, 4, 8, 16
+  2. dmd.py --max-steps 0 builds the regression pairs (teacher Heun ODE), shared by DMD full and --no-dm.
+  3. dmd.py: full, --no-reg, --no-dm (DMD Table 2); add.py: --loss both (full), --loss adv, --loss distill
+     (ADD Table 1d). --jobs N runs N of these six at once on the one device (the GPU scale: all six).
+  4. eval.py stats: Inception statistics of the Fashion-MNIST test split (the reference).
+  5. eval.py generate ... --ref REF --crop 28, the same command for every row: the teacher at 1, 2, 4, 8, 16
      and 32 Heun steps, DMD at one step, ADD at one and four steps (the CPU scale scores the two ADD
      ablations at one step only).
-Rows land in benchmark/results/fmnist.csv (method,variant,steps,fid,train_steps,wall_s,device); wall_s is the
-training command's wall time (teacher rows: the teacher's training; DMD full also builds the regression pairs
-that --no-dm then reuses). Then the sample figure and the FID-vs-steps plot are drawn.
-Stages are skipped when their output exists; an interrupted training stage resumes from its checkpoint.
+Rows land in RESULTS/fmnist.csv (method,variant,steps,fid,train_steps,wall_s,device); wall_s is the training
+command's wall time (teacher rows: the teacher's; shared devices make the GPU scale's student times
+concurrent, not exclusive), train_steps the step it stopped at. Then the sample figure and the FID-vs-steps
+plot are drawn. Stages are skipped when their output exists; an interrupted training stage resumes from its
+checkpoint.
 """
 import argparse
 import csv
@@ -37,7 +40,10 @@ TEACHER_STEPS = [1, 2, 4, 8, 16, 32]
 
 # Per scale: the extra arguments of each script. The CPU scale is what fits 2 cores in about 2.5 hours:
 # a 0.7M-parameter UNet, 600 ADD and 1200 DMD steps, FID on 500 samples against 2000 test images, the ADD
-# ablations at one step only. DMD's --lr-fake 1e-3 (10x the generator's) is a deviation: see the README.
+# ablations at one step only. The GPU scale is what fits a 15-minute loan of one GPU: a 3.9M-parameter UNet
+# trained for 2.5 minutes, then the six students for 3 minutes each, all at once (--max-minutes: the steps
+# reached depend on the GPU), FID on 10k samples against the 10k test images. DMD's --lr-fake 1e-3 (10x the
+# generator's) is a deviation: see the README.
 SCALES = {
     "cpu": dict(
         teacher="--channels 16 32 64 --layers-per-block 1 --attention lowest --batch-size 64 --lr 1e-3 --warmup 100 "
@@ -51,9 +57,8 @@ SCALES = {
         teacher="--channels 32 64 128 --layers-per-block 2 --attention lowest --batch-size 512 --lr 5e-4 "
                 "--warmup 200 --ema 0.999 --max-steps 100000 --max-minutes 2.5 --mixed-precision no --log-every 50 "
                 "--sample-every 1000 --ckpt-every 500",
-        dmd="--reg-loss l2 --num-pairs 10000 --ode-steps 18 --batch-size 128 --micro-batch 128 --lr 1e-4 --lr-fake 1e-3 "
-            "--warmup 50 "
-            "--ema 0.99 --max-steps 100000 --max-minutes 3 --mixed-precision no --log-every 20 --sample-every 500 "
+        dmd="--reg-loss l2 --num-pairs 10000 --ode-steps 18 --batch-size 128 --micro-batch 128 --lr 1e-4 "
+            "--lr-fake 1e-3 --warmup 50 --ema 0.99 --max-steps 100000 --max-minutes 3 --mixed-precision no --log-every 20 --sample-every 500 "
             "--ckpt-every 250",
         add="--resolution 32 --disc-backbone efficientnet-lite0 --disc-size 64 --batch-size 128 --micro-batch 128 "
             "--lr 1e-4 --lr-disc 1e-3 --max-steps 100000 --max-minutes 3 --mixed-precision no --log-every 20 "
@@ -70,7 +75,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scale", choices=list(SCALES), default=None, help="gpu if CUDA is visible, else cpu")
     p.add_argument("--out", default=None, help="working folder (default runs/fmnist-SCALE)")
-    p.add_argument("--results", default=RESULTS, help="where fmnist.csv and the figures go")
+    p.add_argument("--results", default=None, help="where fmnist.csv and the figures go (default: "
+                   "benchmark/results for the GPU scale, benchmark/results/cpu for the CPU scale)")
     p.add_argument("--fid-num", type=int, default=None, help="samples per FID row (default: the scale's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--jobs", type=int, default=None, help="stages run at once after the teacher (the six "
@@ -82,6 +88,7 @@ def parse_args(argv=None):
     args.scale = args.scale or ("gpu" if args.cuda else "cpu")
     args.out = args.out or os.path.join(ROOT, "runs", f"fmnist-{args.scale}")
     args.device = torch.cuda.get_device_name(0) if args.cuda else "cpu"
+    args.results = args.results or (RESULTS if args.scale == "gpu" else os.path.join(RESULTS, "cpu"))
     return args
 
 

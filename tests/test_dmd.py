@@ -282,7 +282,7 @@ def test_bad_input_is_one_line_exit_2(tiny_teachers, tmp_path, capsys, case):
                            "not a multiple"),
                  "resume": (["--teacher", tiny_teachers["vp_class"], "--resume"], "no checkpoint"),
                  "prompts": (["--teacher", tiny_teachers["sd"]], "needs --prompts"),
-                 "steps": (["--teacher", tiny_teachers["vp_class"], "--max-steps", "0"], "--max-steps must be")}[case]
+                 "steps": (["--teacher", tiny_teachers["vp_class"], "--max-steps", "-1"], "--max-steps and --max-minutes must be")}[case]
     with pytest.raises(SystemExit) as e:
         dmd.main([*argv, "--device", "cpu", "--output-dir", str(tmp_path / "o"), "--reg-loss", "l2"])
     err = capsys.readouterr().err
