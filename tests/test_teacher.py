@@ -44,6 +44,21 @@ def test_time_limit_stops_after_a_step_with_checkpoint_and_export(tmp_path):
     assert (tmp_path / "unet" / "config.json").exists() and (tmp_path / "samples_0000001.png").exists()
 
 
+def test_sd_schedule_is_exported_and_read_by_dmd_and_add(tmp_path):
+    """--schedule sd: SD's scaled-linear betas (sqrt(alphabar_999) = 0.068); dmd.py reads that schedule, and
+    add.py's student inputs are still rescaled to zero terminal SNR (pure noise at t = 999)."""
+    teacher.main([*TINY, "--max-steps", "1", "--schedule", "sd", "--output-dir", str(tmp_path)])
+    import add
+    import dmd
+    tch = dmd.load_teacher(dmd.parse_args(["--teacher", str(tmp_path), "--device", "cpu"]), torch.device("cpu"))
+    alpha, sigma = tch.alpha_sigma(torch.tensor([999, 0]))
+    assert alpha[0].item() == pytest.approx(0.068265, rel=1e-4) and alpha[1].item() == pytest.approx(0.99957, rel=1e-4)
+    a = add.load_teacher(add.parse_args(["--teacher", str(tmp_path), "--data", "fashion-mnist", "--device", "cpu"]),
+                         torch.device("cpu"))
+    assert a.zt_alpha[999].item() == 0 and a.zt_alpha[0].item() == pytest.approx(alpha[1].item(), rel=1e-5)
+    assert a.alpha[999].item() == pytest.approx(0.068265, rel=1e-4)
+
+
 def test_fashion_mnist_splits_and_model_space():
     x, y = teacher.load_data("fashion-mnist", 0)
     xt, yt = teacher.load_data("fashion-mnist", 0, "test")
