@@ -210,6 +210,7 @@ def figures(rows, args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    os.makedirs(args.results, exist_ok=True)
     cols = [("teacher", "full", max(TEACHER_STEPS), f"teacher, {max(TEACHER_STEPS)} steps"),
             ("dmd", "full", 1, "DMD, 1 step"), ("add", "full", 1, "ADD, 1 step"), ("add", "full", 4, "ADD, 4 steps")]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6))
@@ -217,8 +218,10 @@ def figures(rows, args):
         with np.load(os.path.join(args.out, "samples", f"{m}_{v}_{s}.npz")) as d:
             ims, labels = d["images"], d["labels"]
         ims = ims[..., 0] if ims.ndim == 4 else ims                          # grey: (N, H, W) or (N, H, W, 1)
+        blank = np.zeros((6, 28, 28), ims.dtype)   # a class with fewer than 6 samples is padded with black
         pick = [np.flatnonzero(labels == c)[:6] for c in range(10)]      # 6 samples of each class, one row each
-        grid = np.concatenate([np.concatenate(list(ims[i][:, 2:30, 2:30]), 1) for i in pick], 0)
+        grid = np.concatenate([np.concatenate(list(np.concatenate([ims[i][:, 2:30, 2:30], blank])[:6]), 1)
+                               for i in pick], 0)
         ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{title}\nFID {float(rows[(m, v, s)]['fid']):.1f}", fontsize=9)
         ax.axis("off")

@@ -99,6 +99,21 @@ def test_benchmark_refuses_a_stage_trained_with_other_arguments(tmp_path, monkey
     assert len(err.splitlines()) == 1 and "dmd_full was trained with other arguments" in err
 
 
+def test_sample_figure_with_few_samples_per_class(tmp_path):
+    """A small --fid-num leaves some classes with fewer than 6 samples: the figure pads them, it does not fail."""
+    args = fmnist.parse_args(["--scale", "cpu", "--out", str(tmp_path), "--results", str(tmp_path / "r")])
+    rows = {}
+    for m, v, s in [("teacher", "full", 32), ("dmd", "full", 1), ("add", "full", 1), ("add", "full", 4)]:
+        os.makedirs(tmp_path / "samples", exist_ok=True)
+        np.savez(tmp_path / "samples" / f"{m}_{v}_{s}.npz", images=np.full((13, 32, 32), 200, np.uint8),
+                 labels=np.arange(13) % 10)
+        rows[(m, v, s)] = {"fid": "1.0"}
+    rows[("teacher", "full", 1)] = {"fid": "2.0"}
+    args.fid_num = 13
+    fmnist.figures(rows, args)
+    assert (tmp_path / "r" / "fmnist_samples.png").exists()
+
+
 def test_within_class_spread_matches_a_direct_pairwise_computation():
     rng = np.random.default_rng(0)
     ims, labels = (rng.random((30, 4, 4)) * 255).astype(np.uint8), rng.integers(0, 3, 30)
