@@ -607,10 +607,12 @@ def out_of_time(t_start, max_minutes, world, device):
     """True once this invocation has trained for max_minutes (0: never); all ranks follow rank 0's clock."""
     if not max_minutes:
         return False
-    up = torch.tensor(float(time.time() - t_start > 60 * max_minutes), device=device)
-    if world > 1:
-        torch.distributed.broadcast(up, 0)
-    return bool(up.item())
+    up = time.time() - t_start > 60 * max_minutes
+    if world > 1:   # one process alone needs no device round trip
+        flag = torch.tensor(float(up), device=device)
+        torch.distributed.broadcast(flag, 0)
+        up = bool(flag.item())
+    return up
 
 
 # Copied from dmd.py: setup_run

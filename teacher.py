@@ -8,11 +8,10 @@ Formulation: DDPM (Ho et al. 2020), T = 1000, linear betas rescaled to zero term
 (Lin et al. 2023), class labels through UNet2DModel's class embedding. With zero terminal SNR the last step
 is pure noise, what ADD's student starts from; v-prediction keeps x0 readable there. `--schedule sd` uses
 Stable Diffusion's scaled-linear betas instead, whose last step keeps 6.8% of the image (as the papers'
-SD teachers do). 28 x 28 images are
-centred on a black 32 x 32 canvas, values in [-1, 1]. The EMA weights are saved with save_pretrained in
-OUTPUT_DIR/unet, with the DDPMScheduler config in OUTPUT_DIR/scheduler, so `dmd.py --teacher OUTPUT_DIR`,
-`add.py --teacher OUTPUT_DIR`, `sample.py --teacher OUTPUT_DIR` and `eval.py generate --teacher OUTPUT_DIR`
-all load it.
+SD teachers do). 28 x 28 images are centred on a black 32 x 32 canvas, values in [-1, 1]. The EMA weights
+are saved with save_pretrained in OUTPUT_DIR/unet, with the DDPMScheduler config in OUTPUT_DIR/scheduler,
+so `dmd.py --teacher OUTPUT_DIR`, `add.py --teacher OUTPUT_DIR`, `sample.py --teacher OUTPUT_DIR` and
+`eval.py generate --teacher OUTPUT_DIR` all load it.
 """
 import argparse
 import copy
@@ -192,8 +191,8 @@ def main(argv=None):
     t_start = time.time()
     while step < args.max_steps:
         t0 = time.time()
-        idx = torch.randint(0, len(data), (args.batch_size,))
-        x0, c = data[idx.to(data.device)].to(device), labels[idx.to(data.device)].to(device)
+        idx = torch.randint(0, len(data), (args.batch_size,)).to(data.device)   # drawn on the CPU generator
+        x0, c = data[idx].to(device), labels[idx].to(device)
         t = torch.randint(0, 1000, (len(x0),), device=device)
         a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
         eps = torch.randn_like(x0)

@@ -58,8 +58,8 @@ SCALES = {
                 "--warmup 200 --ema 0.999 --max-steps 100000 --max-minutes 2.5 --mixed-precision no --log-every 50 "
                 "--sample-every 1000 --ckpt-every 500",
         dmd="--reg-loss l2 --num-pairs 10000 --ode-steps 18 --batch-size 128 --micro-batch 128 --lr 1e-4 "
-            "--lr-fake 1e-3 --warmup 50 --ema 0.99 --max-steps 100000 --max-minutes 3 --mixed-precision no --log-every 20 --sample-every 500 "
-            "--ckpt-every 250",
+            "--lr-fake 1e-3 --warmup 50 --ema 0.99 --max-steps 100000 --max-minutes 3 --mixed-precision no "
+            "--log-every 20 --sample-every 500 --ckpt-every 250",
         add="--resolution 32 --disc-backbone efficientnet-lite0 --disc-size 64 --batch-size 128 --micro-batch 128 "
             "--lr 1e-4 --lr-disc 1e-3 --max-steps 100000 --max-minutes 3 --mixed-precision no --log-every 20 "
             "--sample-every 500 --ckpt-every 250",
@@ -162,7 +162,7 @@ def write_csv(rows, args):
 
 def row_order(r):
     """Table order: teacher, dmd, add; variants as listed; then sampling steps."""
-    variants = ["full", "no_reg", "no_dm", "adv", "distill"]
+    variants = list(dict.fromkeys([*DMD_VARIANTS, *ADD_VARIANTS]))   # full, no_reg, no_dm, adv, distill
     return ["teacher", "dmd", "add"].index(r["method"]), variants.index(r["variant"]), int(r["steps"])
 
 
