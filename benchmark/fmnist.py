@@ -95,13 +95,19 @@ def parse_args(argv=None):
 LOCK = threading.Lock()   # guards rows, state and their files when stages run at once
 
 
-def run(cmd, log):
-    """Run one repository command (a string), its output to log; -> (wall seconds, stdout text)."""
+def run(cmd, log, threads=0):
+    """Run one repository command (a string), its output to log; -> (wall seconds, stdout text). threads > 0
+    caps its CPU threads (OMP_NUM_THREADS, MKL_NUM_THREADS), unless the caller's environment already sets them."""
     print("$ " + cmd, flush=True)
     os.makedirs(os.path.dirname(log), exist_ok=True)
+    env = dict(os.environ)
+    if threads:
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(k, str(threads))
     t0 = time.time()
     with open(log, "w") as f:
-        r = subprocess.run([sys.executable, *shlex.split(cmd)], cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True)
+        r = subprocess.run([sys.executable, *shlex.split(cmd)], cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True,
+                           env=env)
         f.write(r.stdout)
     if r.returncode:
         print(f"benchmark: failed (exit {r.returncode}); the last lines of {log}:\n" +
@@ -110,7 +116,7 @@ def run(cmd, log):
     return time.time() - t0, r.stdout
 
 
-def train_stage(name, script, out_dir, extra, args, state, rows, key):
+def train_stage(name, script, out_dir, extra, args, state, rows, key, threads=0):
     """Train once (resuming if interrupted); remember wall time and steps in OUT/state.json (the wall time of
     the invocation that finished: a resumed stage counts only its resumed part). A stage that trains drops
     its model's old FID rows, so they are scored again."""
@@ -127,7 +133,7 @@ def train_stage(name, script, out_dir, extra, args, state, rows, key):
                 del rows[k]
         resume = " --resume" if os.path.exists(os.path.join(out_dir, "checkpoint.pt")) else ""
         wall, out = run(f"{script} --output-dir {out_dir} --seed {args.seed} {extra}{resume}",
-                        os.path.join(args.out, "logs", f"{name}.log"))
+                        os.path.join(args.out, "logs", f"{name}.log"), threads)
         steps = int(re.findall(r"step (\d+)\)", out)[-1])   # the step it stopped at (--max-minutes can end it early)
         with LOCK:
             state[name] = {"wall_s": round(wall, 1), "train_steps": steps, "args": extra}   # wall: the last invocation
@@ -143,7 +149,7 @@ def fid_row(rows, key, source, steps, args, info):
     npz = os.path.join(args.out, "samples", f"{method}_{variant}_{steps}.npz")
     _, out = run(f"eval.py generate {source} --steps {steps} --num {args.fid_num} --seed {args.seed} "
                  f"--batch-size {args.gen_batch} --crop 28 --ref {args.ref} --out {npz}",
-                 os.path.join(args.out, "logs", f"fid_{method}_{variant}_{steps}.log"))
+                 os.path.join(args.out, "logs", f"fid_{method}_{variant}_{steps}.log"), args.threads)
     fid = float(re.findall(r"FID ([0-9.]+)", out)[-1])
     with LOCK:
         rows[key] = dict(method=method, variant=variant, steps=steps, fid=round(fid, 2),
@@ -253,6 +259,9 @@ def main(argv=None):
     args.fid_num = args.fid_num or cfg["fid_num"]
     args.jobs = args.jobs or cfg["jobs"]
     args.gen_batch = cfg["gen_batch"]
+    # N stages at once share the CPU cores: each gets cores / N threads. Two CPU trainings that each took both
+    # cores ran 30x slower than one alone (their threads spin-wait on each other); with one thread each, 1.7x.
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else {}
@@ -272,7 +281,7 @@ def main(argv=None):
     stages += [(f"dmd_{v}", "dmd.py", f"--teacher {t_dir} --pairs-dir {pairs} {flag} {cfg['dmd']}", ("dmd", v))
                for v, flag in DMD_VARIANTS.items()]
     infos = parallel(args.jobs, [lambda st=st: train_stage(st[0], st[1], os.path.join(args.out, st[0]), st[2], args,
-                                                           state, rows, st[3]) for st in stages])
+                                                           state, rows, st[3], args.threads) for st in stages])
     trained.update({st[3]: info for st, info in zip(stages, infos)})
     if args.skip_fid:
         print(f"trained: {', '.join(st[0] for st in stages)} (--skip-fid: no FID rows)")

@@ -11,9 +11,11 @@ import pytest
 from benchmark import fmnist
 
 
-def fake_run(calls):
-    def run(cmd, log):
+def fake_run(calls, threads=None):
+    def run(cmd, log, n_threads=0):
         calls.append(cmd)
+        if threads is not None:
+            threads[cmd] = n_threads
         out = re.search(r"--out(?:put-dir)? (\S+)", cmd).group(1)
         if cmd.startswith(("teacher.py", "dmd.py", "add.py")):
             sub = {"teacher.py": "unet", "dmd.py": "generator", "add.py": "student"}[cmd.split()[0]]
@@ -83,6 +85,33 @@ def test_parallel_stages_and_skip_fid(tmp_path, monkeypatch):
     monkeypatch.setattr(fmnist, "run", fake_run(sequential))
     fmnist.main(["--scale", "cpu", "--out", str(tmp_path / "s"), "--results", str(tmp_path / "rs")])
     assert sorted(calls) == sorted(c.replace(str(tmp_path / "s"), str(tmp_path / "w")) for c in sequential)
+
+
+def test_parallel_stages_share_the_cpu_threads(tmp_path, monkeypatch):
+    """--jobs N gives each of the N concurrent stages cores / N threads; stages that run alone keep the default."""
+    calls, threads = [], {}
+    monkeypatch.setattr(fmnist, "run", fake_run(calls, threads))
+    monkeypatch.setattr(fmnist.os, "cpu_count", lambda: 6)
+    fmnist.main(["--scale", "cpu", "--out", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--jobs", "3"])
+    alone = [c for c in calls if c.startswith(("teacher.py", "eval.py stats")) or c.endswith("--max-steps 0")]
+    assert len(alone) == 3 and all(threads[c] == 0 for c in alone)
+    shared = [c for c in calls if c not in alone]
+    assert len(shared) == 6 + 13 and all(threads[c] == 2 for c in shared)
+    calls.clear()
+    fmnist.main(["--scale", "cpu", "--out", str(tmp_path / "s"), "--results", str(tmp_path / "rs"), "--jobs", "1"])
+    assert all(threads[c] == 0 for c in calls)
+
+
+def test_run_caps_the_threads_of_its_command(tmp_path, monkeypatch):
+    """The real run(): threads > 0 sets OMP_NUM_THREADS / MKL_NUM_THREADS in the command's environment, unless
+    the user set them; threads = 0 leaves the environment alone."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    show = "-c \"import os; print(os.environ.get('OMP_NUM_THREADS'), os.environ.get('MKL_NUM_THREADS'))\""
+    assert fmnist.run(show, str(tmp_path / "a.log"), 3)[1].split() == ["3", "3"]
+    assert fmnist.run(show, str(tmp_path / "b.log"))[1].split() == ["None", "None"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert fmnist.run(show, str(tmp_path / "c.log"), 3)[1].split() == ["5", "3"]
 
 
 def test_benchmark_refuses_a_stage_trained_with_other_arguments(tmp_path, monkeypatch, capsys):
