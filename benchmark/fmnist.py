@@ -70,8 +70,15 @@ ADD_VARIANTS = {"full": "--loss both", "adv": "--loss adv", "distill": "--loss d
 FIELDS = ["method", "variant", "steps", "fid", "train_steps", "wall_s", "device"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scale", choices=list(SCALES), default=None, help="gpu if CUDA is visible, else cpu")
     p.add_argument("--out", default=None, help="working folder (default runs/fmnist-SCALE)")
@@ -80,9 +87,14 @@ def parse_args(argv=None):
     p.add_argument("--fid-num", type=int, default=None, help="samples per FID row (default: the scale's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--jobs", type=int, default=None, help="stages run at once after the teacher (the six "
-                   "trainings, then the FID rows) sharing the device (default: the scale's: cpu 1, gpu 6)")
+                   "trainings, then the FID rows) sharing the device, each with CPU cores / N threads (default: "
+                   "the scale's: cpu 1, gpu 6)")
     p.add_argument("--skip-fid", action="store_true", help="train (and build the DMD pairs), then stop")
     args = p.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.fid_num is not None and args.fid_num < 2:
+        p.error("--fid-num must be >= 2 (FID needs a covariance)")
     import torch
     args.cuda = torch.cuda.is_available()
     args.scale = args.scale or ("gpu" if args.cuda else "cpu")

@@ -152,3 +152,16 @@ def test_within_class_spread_matches_a_direct_pairwise_computation():
     assert fmnist.within_class_spread(ims, labels) == pytest.approx(want, rel=1e-12)
     same = np.repeat(ims[:1], 30, 0)            # one template per class -> 0
     assert fmnist.within_class_spread(same, labels) == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("flags", [["--jobs", "0"], ["--jobs", "-2"], ["--fid-num", "1"], ["--scale", "tpu"]])
+def test_bad_flags_are_one_line_errors(flags, tmp_path, capsys, monkeypatch):
+    """A bad flag stops before any stage runs (--jobs 0 used to fall back to the default and start training)."""
+    def no_stage(cmd, log, threads=0):
+        raise AssertionError(f"a stage ran: {cmd}")
+    monkeypatch.setattr(fmnist, "run", no_stage)
+    with pytest.raises(SystemExit) as e:
+        fmnist.main(["--out", str(tmp_path / "w"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "error" in err
+    assert not (tmp_path / "w").exists()
