@@ -70,6 +70,7 @@ ADD_VARIANTS = {"full": "--loss both", "adv": "--loss adv", "distill": "--loss d
 FIELDS = ["method", "variant", "steps", "fid", "train_steps", "wall_s", "device"]
 
 
+# Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
     """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
 

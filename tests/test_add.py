@@ -136,14 +136,15 @@ def _functions(path):
             if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
 
-def test_helpers_copied_from_dmd_are_identical():
-    """Every `# Copied from dmd.py: name` in add.py is followed by a definition identical to dmd.py's."""
-    text = (ROOT / "add.py").read_text()
+@pytest.mark.parametrize("path,least", [("add.py", 6), ("benchmark/fmnist.py", 1)])
+def test_helpers_copied_from_dmd_are_identical(path, least):
+    """Every `# Copied from dmd.py: name` in the file is followed by a definition identical to dmd.py's."""
+    text = (ROOT / path).read_text()
     names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("# Copied from dmd.py:")]
-    assert len(names) >= 6
-    ours, theirs = _functions(ROOT / "add.py"), _functions(ROOT / "dmd.py")
+    assert len(names) >= least
+    ours, theirs = _functions(ROOT / path), _functions(ROOT / "dmd.py")
     for n in names:
-        assert ours[n] == theirs[n], f"add.py's copy of {n} differs from dmd.py"
+        assert ours[n] == theirs[n], f"{path}'s copy of {n} differs from dmd.py"
 
 
 @pytest.mark.parametrize("case", ["no_teacher", "no_data", "timesteps", "nfsd_class", "batch"])
