@@ -319,7 +319,8 @@ class RealData:
                 rows = [json.loads(ln) for ln in open(meta) if ln.strip()]
                 self.items = [(os.path.join(spec, r["file_name"]), r["text"]) for r in rows]
             else:
-                self.items = [(os.path.join(spec, f), open(os.path.join(spec, os.path.splitext(f)[0] + ".txt")).read().strip())
+                self.items = [(os.path.join(spec, f),
+                               open(os.path.join(spec, os.path.splitext(f)[0] + ".txt")).read().strip())
                               for f in sorted(os.listdir(spec)) if f.lower().endswith(self.EXT)
                               and os.path.exists(os.path.join(spec, os.path.splitext(f)[0] + ".txt"))]
         else:
@@ -674,7 +675,8 @@ def train(args):
         dims = {"text": 0 if tch.c_text(probe) is None else tch.c_text(probe).shape[1], "img": feat.embed_dim}
     cond_dim = {"none": 0, "text": dims["text"], "img": dims["img"], "both": dims["text"] + dims["img"]}[args.disc_cond]
     disc = Discriminator(feat, cond_dim).to(device)
-    opt_s = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
+    opt_s = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr,
+                              weight_decay=args.weight_decay,
                               fused=device.type == "cuda")
     opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=args.lr_disc, weight_decay=args.weight_decay,
                               betas=(0.0, 0.99), fused=device.type == "cuda")
@@ -754,15 +756,18 @@ def train(args):
                         a, sg = tch.alpha[t].view(-1, 1, 1, 1), tch.sigma[t].view(-1, 1, 1, 1)
                         x_t = add_noise(x_hat.detach(), torch.randn_like(x_hat), a, sg)
                         if args.distill_weighting == "nfsd":
-                            e_u, e_c, e_n = (tch.eps(tch.unet, x_t, t, expand(cc, m), res) for cc in (uncond, cond, negative))
+                            e_u, e_c, e_n = (tch.eps(tch.unet, x_t, t, expand(cc, m), res)
+                                             for cc in (uncond, cond, negative))
                             target = nfsd_target(x_hat.detach().float(), e_u, e_c, e_n, a, sg, t, guidance)
                         elif tch.text and guidance != 1.0:
-                            x_u, x_c = tch.x0(tch.unet, x_t, t, expand(uncond, m), res), tch.x0(tch.unet, x_t, t, cond, res)
+                            x_u = tch.x0(tch.unet, x_t, t, expand(uncond, m), res)
+                            x_c = tch.x0(tch.unet, x_t, t, cond, res)
                             target = x_u + guidance * (x_c - x_u)
                         else:
                             target = tch.x0(tch.unet, x_t, t, cond, res)
                         target_img = tch.decode(target)
-                    loss_distill = score_distillation_loss(img_hat, target_img, distillation_weight(args.distill_weighting, a, sg))
+                    c_t = distillation_weight(args.distill_weighting, a, sg)
+                    loss_distill = score_distillation_loss(img_hat, target_img, c_t)
                     loss = loss + args.lambda_distill * loss_distill
                     sums["loss_distill"] += loss_distill.item() / accum
                 # 4. L = L_adv^G + lambda L_distill (Eq. 1)

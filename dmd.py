@@ -237,7 +237,8 @@ class Teacher:
     log_r: torch.Tensor                 # (T,) log(sigma_t / alpha_t), ascending in t
     prediction_type: str = "epsilon"
     sigma_data: float = 0.5
-    noise_cond_scale: float = 1000.0    # EDM: the UNet sees noise_cond_scale * c_noise (OpenAI's port: 1000 * 0.25 ln s)
+    # EDM: the UNet sees noise_cond_scale * c_noise (OpenAI's port: 1000 * 0.25 ln s)
+    noise_cond_scale: float = 1000.0
     num_classes: int = 0                # > 0: class-conditional (integer labels)
     text: bool = False                  # text-to-image (latent space, CFG on the real score)
     guidance: float = 1.0
@@ -356,7 +357,8 @@ def load_teacher(args, device):
         tch = Teacher(unet, "edm", karras_sigmas(1000).log(), num_classes=unet.config.num_class_embeds or 0,
                       source=repo)
     else:
-        where = HUB["cifar10"][0] if args.dataset == "cifar10" else HUB["sd15"][0] if args.teacher == "sd15" else args.teacher
+        where = (HUB["cifar10"][0] if args.dataset == "cifar10" else HUB["sd15"][0] if args.teacher == "sd15"
+                 else args.teacher)
         local = os.path.isdir(where)
         if local and not os.path.exists(os.path.join(where, "model_index.json")) and not any(
                 os.path.exists(os.path.join(where, d, "config.json")) for d in ("", "unet")):
@@ -378,7 +380,8 @@ def load_teacher(args, device):
                 ssub = "scheduler" if local and os.path.isdir(os.path.join(where, "scheduler")) else None
                 sched = _from_pretrained(DDPMScheduler, where, **({"subfolder": ssub} if ssub else {}))
                 abar = sched.alphas_cumprod.double().clamp(min=2.0 ** -24)  # zero terminal SNR: r_max finite
-                tch = Teacher(unet, "vp", ((1 - abar) / abar).sqrt().log(), prediction_type=sched.config.prediction_type,
+                tch = Teacher(unet, "vp", ((1 - abar) / abar).sqrt().log(),
+                              prediction_type=sched.config.prediction_type,
                               num_classes=n_cls, source=where)
     tch.unet.requires_grad_(False).eval().to(device)
     tch.log_r = tch.log_r.to(device)
@@ -743,7 +746,8 @@ def train(args):
             sums = dict(zip(sums, (red / world).tolist()))
         step += 1
         bar.update()
-        bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in sums.items()} | {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
+        bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in sums.items()}
+                        | {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
         last = step == args.max_steps or out_of_time(t_start, args.max_minutes, world, device)
         if step % args.log_every == 0 or last:
             history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}})

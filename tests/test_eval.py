@@ -78,11 +78,13 @@ REF_SUM = 398.92024891627443
 
 
 def test_clip_score_equals_hand_computation():
-    from transformers import CLIPConfig, CLIPModel
     import sys
+
+    from transformers import CLIPConfig, CLIPModel
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from conftest import write_tiny_tokenizer
     import tempfile
+
+    from conftest import write_tiny_tokenizer
     from transformers import CLIPTokenizer
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config=dict(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -102,7 +104,8 @@ def test_clip_score_equals_hand_computation():
         x = (x - torch.tensor(ev.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(ev.CLIP_STD).view(1, 3, 1, 1)
         e_i = model.visual_projection(model.vision_model(pixel_values=x).pooler_output)
         t = tok(prompts, padding=True, return_tensors="pt")
-        e_t = model.text_projection(model.text_model(input_ids=t.input_ids, attention_mask=t.attention_mask).pooler_output)
+        e_t = model.text_projection(
+            model.text_model(input_ids=t.input_ids, attention_mask=t.attention_mask).pooler_output)
         want = 100 * (e_i / e_i.norm(dim=-1, keepdim=True) * e_t / e_t.norm(dim=-1, keepdim=True)).sum(-1)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 

@@ -5,7 +5,8 @@ import torch
 
 import teacher
 
-TINY = ["--dataset", "fashion-mnist", "--limit", "64", "--batch-size", "4", "--channels", "16", "32", "--layers-per-block", "1",
+TINY = ["--dataset", "fashion-mnist", "--limit", "64", "--batch-size", "4", "--channels", "16", "32",
+        "--layers-per-block", "1",
         "--attention", "lowest", "--warmup", "3", "--ema", "0.99", "--log-every", "1",
         "--sample-every", "100", "--grid-steps", "2", "--ckpt-every", "2", "--device", "cpu"]
 
@@ -65,8 +66,8 @@ def test_fashion_mnist_splits_and_model_space():
     assert x.shape == (60000, 28, 28) and xt.shape == (10000, 28, 28) and not np.array_equal(x[:100], xt[:100])
     assert sorted(np.bincount(y)) == [6000] * 10 and sorted(np.bincount(yt)) == [1000] * 10
     m = teacher.to_model_space(xt[:2])
-    assert m.shape == (2, 1, 32, 32) and (m[..., :2, :] == -1).all() and (m[..., 2:30, 2:30] * 127.5 + 127.5).round().equal(
-        torch.from_numpy(xt[:2]).float()[:, None])
+    assert m.shape == (2, 1, 32, 32) and (m[..., :2, :] == -1).all()
+    assert (m[..., 2:30, 2:30] * 127.5 + 127.5).round().equal(torch.from_numpy(xt[:2]).float()[:, None])
 
 
 def test_bad_dataset_is_one_line_exit_2(tmp_path, capsys):
