@@ -242,8 +242,9 @@ def domain_features(net, u8, batch_size=1000):
 
 def knn_radii(feats, k=3, batch_size=1000):
     """Distance from each point to its k-th nearest neighbour in the same set, itself excluded
-    (Kynkaanniemi et al. 2019, Sec. 3): (N, D) -> (N,). Rows in batches, so 10k x 10k fits in memory."""
-    x = torch.as_tensor(feats, dtype=torch.float64)
+    (Kynkaanniemi et al. 2019, Sec. 3): (N, D) -> (N,). Rows in batches, so 10k x 10k fits in memory; float32
+    distances (the radii and the tests that compare with them are computed the same way)."""
+    x = torch.as_tensor(feats, dtype=torch.float32)
     return torch.cat([torch.cdist(x[i:i + batch_size], x).kthvalue(k + 1, dim=1).values
                       for i in range(0, len(x), batch_size)]).numpy()
 
@@ -251,7 +252,7 @@ def knn_radii(feats, k=3, batch_size=1000):
 def manifold_share(query, support, radii, batch_size=1000):
     """Share of `query` points inside at least one ball B(support_j, radii_j), the k-NN estimate of the
     support's manifold (Kynkaanniemi et al. 2019, Eq. 1-2): (M, D), (N, D), (N,) -> float."""
-    q, s, r = (torch.as_tensor(a, dtype=torch.float64) for a in (query, support, radii))
+    q, s, r = (torch.as_tensor(a, dtype=torch.float32) for a in (query, support, radii))
     inside = [(torch.cdist(q[i:i + batch_size], s) <= r).any(1) for i in range(0, len(q), batch_size)]
     return float(torch.cat(inside).double().mean())
 
@@ -477,6 +478,8 @@ def parse_args(argv=None):
     d.add_argument("--samples", required=True, help="generated images: .npz (with `labels` for class accuracy)")
     d.add_argument("--ref", default="fashion-mnist-test", help="reference: fashion-mnist-test | fashion-mnist | mnist "
                    "| .npz | folder")
+    d.add_argument("--ref-num", type=int, default=0, help="use a fixed random subset of N reference images (seed 0; "
+                   "0: all); precision and recall compare sets of equal size best")
     d.add_argument("--crop", type=int, default=0, help="centre-crop the samples to N x N first (teacher samples: 28)")
     d.add_argument("--classifier", default=None, help="weights (safetensors; default: the committed one of the "
                    "reference's dataset, benchmark/models/classifier-DATASET.safetensors)")
@@ -585,7 +588,12 @@ def main(argv=None):
                 labels = z["labels"] if "labels" in z else None
         if len(images) < 4:
             fail("the domain metrics need at least 4 samples (k = 3 neighbours)")
-        m = domain_metrics(net, images, load_images(args.ref), labels)
+        ref = load_images(args.ref)
+        if args.ref_num:
+            if args.ref_num > len(ref):
+                fail(f"--ref-num {args.ref_num}: {args.ref} has only {len(ref)} images")
+            ref = ref[np.sort(np.random.default_rng(0).permutation(len(ref))[:args.ref_num])]
+        m = domain_metrics(net, images, ref, labels)
         if "spread" in m:
             print(f"SPREAD {m['spread']:.5f} (within-class mean squared pixel distance)")
         print(domain_line(m, dataset))

@@ -1,24 +1,28 @@
-"""Offline end-to-end benchmark: a Fashion-MNIST teacher, distilled by DMD and ADD, scored with the standard FID.
+"""Offline end-to-end benchmark: a Fashion-MNIST teacher, distilled by DMD and ADD, scored in a Fashion-MNIST
+classifier's features (FD, precision, recall, class accuracy) and with the standard Inception FID.
 
   python benchmark/fmnist.py --scale gpu      # benchmark/results/: one GPU, about 8 minutes of training
   python benchmark/fmnist.py --scale cpu      # benchmark/results/cpu/: 2 CPU cores, about 2.5 hours
   python benchmark/fmnist.py --scale gpu --skip-fid   # train only; a later run (same --out) scores
   python benchmark/fmnist.py --scale cpu --out runs/fmnist-cpu   # re-run: finished stages are skipped
+  python benchmark/fmnist.py --scale cpu --seed 1     # a second training seed: its own folder, its own rows
 
 Every stage is a plain command of this repository (printed before it runs, its output in OUT/logs/):
-  1. teacher.py trains the class-conditional teacher (DDPM, zero terminal SNR, v-prediction).
+  1. The teacher: the one shipped in benchmark/models/fmnist-SCALE/ (fp16, with the command that trained it in
+     its teacher_info.json), else (or with --retrain-teacher) teacher.py trains one (DDPM, zero terminal SNR,
+     v-prediction).
   2. dmd.py --max-steps 0 builds the regression pairs (teacher Heun ODE), shared by DMD full and --no-dm.
   3. dmd.py: full, --no-reg, --no-dm (DMD Table 2); add.py: --loss both (full), --loss adv, --loss distill
      (ADD Table 1d). --jobs N runs N of these six at once on the one device (the GPU scale: all six).
-  4. eval.py stats: Inception statistics of the Fashion-MNIST test split (the reference).
-  5. eval.py generate ... --ref REF --crop 28, the same command for every row: the teacher at 1, 2, 4, 8, 16
+  4. eval.py generate, the same command for every row (same seed, same count): the teacher at 1, 2, 4, 8, 16
      and 32 Heun steps, DMD at one step, ADD at one and four steps (the CPU scale scores the two ADD
-     ablations at one step only).
-Rows land in RESULTS/fmnist.csv (method,variant,steps,fid,train_steps,wall_s,device); wall_s is the training
-command's wall time (teacher rows: the teacher's; shared devices make the GPU scale's student times
-concurrent, not exclusive), train_steps the step it stopped at. Then the sample figure and the FID-vs-steps
-plot are drawn. Stages are skipped when their output exists; an interrupted training stage resumes from its
-checkpoint.
+     ablations at one step only); then eval.py domain on each row's samples against as many test images.
+  5. Inception FID (eval.py stats of the test split, then eval.py fid): every row at the GPU scale; at the CPU
+     scale (Inception runs at ~5 images/s there) the best teacher row and each method's full one-step row.
+Rows land in RESULTS/fmnist.csv (FIELDS below); wall_s is the training command's wall time (teacher rows: the
+teacher's; shared devices make the GPU scale's student times concurrent, not exclusive), train_steps the step
+it stopped at, seed the training seed. Then the sample figure and the FD-vs-steps plot are drawn. Stages are
+skipped when their output exists; an interrupted training stage resumes from its checkpoint.
 """
 import argparse
 import csv
@@ -52,7 +56,7 @@ SCALES = {
             "--ema 0.99 --max-steps 1200 --log-every 10 --sample-every 100 --ckpt-every 100",
         add="--resolution 32 --disc-backbone efficientnet-lite0 --disc-size 64 --batch-size 32 --lr 1e-4 "
             "--lr-disc 1e-3 --max-steps 600 --log-every 10 --sample-every 100 --ckpt-every 100",
-        fid_num=500, ref_num=2000, add_ablation_steps=[1], jobs=1, gen_batch=250),
+        num=2000, add_ablation_steps=[1], jobs=1, gen_batch=250, fid_rows="headline"),
     "gpu": dict(
         teacher="--channels 32 64 128 --layers-per-block 2 --attention lowest --batch-size 512 --lr 5e-4 "
                 "--warmup 200 --ema 0.999 --max-steps 100000 --max-minutes 2.5 --mixed-precision no --log-every 50 "
@@ -63,11 +67,13 @@ SCALES = {
         add="--resolution 32 --disc-backbone efficientnet-lite0 --disc-size 64 --batch-size 128 --micro-batch 128 "
             "--lr 1e-4 --lr-disc 1e-3 --max-steps 100000 --max-minutes 3 --mixed-precision no --log-every 20 "
             "--sample-every 500 --ckpt-every 250",
-        fid_num=10000, ref_num=10000, add_ablation_steps=[1, 4], jobs=6, gen_batch=1000),
+        num=10000, add_ablation_steps=[1, 4], jobs=6, gen_batch=1000, fid_rows="all"),
 }
 DMD_VARIANTS = {"full": "", "no_reg": "--no-reg", "no_dm": "--no-dm"}
 ADD_VARIANTS = {"full": "--loss both", "adv": "--loss adv", "distill": "--loss distill"}
-FIELDS = ["method", "variant", "steps", "fid", "train_steps", "wall_s", "device"]
+FIELDS = ["method", "variant", "steps", "seed", "teacher", "fd_fmnist", "precision", "recall", "accuracy",
+          "coverage", "spread", "fid", "train_steps", "wall_s", "device"]
+MODELS = os.path.join(ROOT, "benchmark", "models")   # the shipped teachers: MODELS/fmnist-SCALE
 
 
 # Copied from dmd.py: Parser
@@ -85,21 +91,32 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="working folder (default runs/fmnist-SCALE)")
     p.add_argument("--results", default=None, help="where fmnist.csv and the figures go (default: "
                    "benchmark/results for the GPU scale, benchmark/results/cpu for the CPU scale)")
-    p.add_argument("--fid-num", type=int, default=None, help="samples per FID row (default: the scale's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--num", type=int, default=None, help="samples per row, and test images they are compared "
+                   "with (default: the scale's: cpu 2000, gpu 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (training and sampling); a seed other "
+                   "than 0 works in its own --out folder and adds its own rows")
+    p.add_argument("--retrain-teacher", action="store_true", help="train the teacher with teacher.py even where "
+                   "benchmark/models/ ships one for this scale")
     p.add_argument("--jobs", type=int, default=None, help="stages run at once after the teacher (the six "
                    "trainings, then the FID rows) sharing the device, each with CPU cores / N threads (default: "
                    "the scale's: cpu 1, gpu 6)")
     p.add_argument("--skip-fid", action="store_true", help="train (and build the DMD pairs), then stop")
+    p.add_argument("--ship-teacher", default=None, metavar="RUN_DIR", help="copy a teacher.py run's EMA weights "
+                   "(fp16 safetensors), its scheduler and how it was trained to benchmark/models/fmnist-SCALE, "
+                   "then stop (needs --teacher-command and --teacher-wall-s)")
+    p.add_argument("--teacher-command", default=None, help="with --ship-teacher: the teacher.py command(s) that "
+                   "trained it, recorded in teacher_info.json")
+    p.add_argument("--teacher-wall-s", type=float, default=None, help="with --ship-teacher: its training wall time")
     args = p.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         p.error("--jobs must be >= 1")
-    if args.fid_num is not None and args.fid_num < 2:
-        p.error("--fid-num must be >= 2 (FID needs a covariance)")
+    if args.num is not None and args.num < 4:
+        p.error("--num must be >= 4 (k = 3 neighbours for precision and recall)")
     import torch
     args.cuda = torch.cuda.is_available()
     args.scale = args.scale or ("gpu" if args.cuda else "cpu")
-    args.out = args.out or os.path.join(ROOT, "runs", f"fmnist-{args.scale}")
+    args.out = args.out or os.path.join(ROOT, "runs", f"fmnist-{args.scale}" + (f"-seed{args.seed}" if args.seed
+                                                                                  else ""))
     args.device = torch.cuda.get_device_name(0) if args.cuda else "cpu"
     args.results = args.results or (RESULTS if args.scale == "gpu" else os.path.join(RESULTS, "cpu"))
     return args
@@ -142,7 +159,7 @@ def train_stage(name, script, out_dir, extra, args, state, rows, key, threads=0)
         sys.exit(2)
     if name not in state or not os.path.exists(done):
         with LOCK:
-            for k in [k for k in rows if k[:2] == key]:
+            for k in [k for k in rows if k[:2] == key and k[3] == args.seed]:
                 del rows[k]
         resume = " --resume" if os.path.exists(os.path.join(out_dir, "checkpoint.pt")) else ""
         wall, out = run(f"{script} --output-dir {out_dir} --seed {args.seed} {extra}{resume}",
@@ -154,21 +171,57 @@ def train_stage(name, script, out_dir, extra, args, state, rows, key, threads=0)
     return state[name]
 
 
-def fid_row(rows, key, source, steps, args, info):
-    """One FID row: eval.py generate (fixed seed and count) against the reference statistics."""
+def score_row(rows, key, source, steps, args, info):
+    """One row: eval.py generate (fixed seed and count), then eval.py domain on those samples against as many
+    Fashion-MNIST test images (FD_FMNIST, precision, recall, class accuracy, within-class spread)."""
     if key in rows:
         return
     method, variant = key[0], key[1]
-    npz = os.path.join(args.out, "samples", f"{method}_{variant}_{steps}.npz")
-    _, out = run(f"eval.py generate {source} --steps {steps} --num {args.fid_num} --seed {args.seed} "
-                 f"--batch-size {args.gen_batch} --crop 28 --ref {args.ref} --out {npz}",
-                 os.path.join(args.out, "logs", f"fid_{method}_{variant}_{steps}.log"), args.threads)
+    npz = sample_path(args, method, variant, steps)
+    log = os.path.join(args.out, "logs", f"score_{method}_{variant}_{steps}.log")
+    if not os.path.exists(npz):
+        run(f"eval.py generate {source} --steps {steps} --num {args.num} --seed {args.seed} "
+            f"--batch-size {args.gen_batch} --out {npz}", log, args.threads)
+    _, out = run(f"eval.py domain --samples {npz} --ref fashion-mnist-test --ref-num {args.num} --crop 28",
+                 log.replace(".log", "_domain.log"), args.threads)
+    m = re.search(r"FD_FMNIST ([0-9.]+) PRECISION ([0-9.]+) RECALL ([0-9.]+) ACCURACY ([0-9.]+)", out)
+    spread = re.search(r"SPREAD ([0-9.]+)", out)
+    with LOCK:
+        rows[key] = dict(method=method, variant=variant, steps=steps, seed=key[3], teacher=args.teacher_name,
+                         fd_fmnist=round(float(m.group(1)), 3), precision=m.group(2), recall=m.group(3),
+                         accuracy=m.group(4), coverage="", spread=spread.group(1) if spread else "", fid="",
+                         train_steps=info["train_steps"], wall_s=info["wall_s"], device=args.device)
+        print(f"  {method} {variant} {steps} step(s): FD_FMNIST {float(m.group(1)):.3f}, precision {m.group(2)}, "
+              f"recall {m.group(3)}, accuracy {m.group(4)}", flush=True)
+        write_csv(rows, args)
+
+
+def fid_row(rows, key, args):
+    """Inception FID of a scored row's samples against the reference statistics of as many test images."""
+    if rows[key].get("fid"):
+        return
+    _, out = run(f"eval.py fid --samples {sample_path(args, *key[:3])} --ref {args.ref} --crop 28",
+                 os.path.join(args.out, "logs", f"fid_{key[0]}_{key[1]}_{key[2]}.log"), args.threads)
     fid = float(re.findall(r"FID ([0-9.]+)", out)[-1])
     with LOCK:
-        rows[key] = dict(method=method, variant=variant, steps=steps, fid=round(fid, 2),
-                         train_steps=info["train_steps"], wall_s=info["wall_s"], device=args.device)
-        print(f"  {method} {variant} {steps} step(s): FID {fid:.2f}", flush=True)
+        rows[key]["fid"] = round(fid, 2)
+        print(f"  {key[0]} {key[1]} {key[2]} step(s): FID {fid:.2f}", flush=True)
         write_csv(rows, args)
+
+
+def fid_keys(rows, args, cfg):
+    """The rows that get an Inception FID: all (GPU scale), or the best teacher row (lowest FD_FMNIST) and each
+    method's full one-step row (CPU scale: Inception runs at ~5 images/s on 2 cores)."""
+    mine = [k for k in rows if k[3] == args.seed]
+    if cfg["fid_rows"] == "all":
+        return mine
+    teacher = [k for k in mine if k[0] == "teacher"]
+    best = [min(teacher, key=lambda k: float(rows[k]["fd_fmnist"]))] if teacher else []
+    return best + [k for k in mine if k[0] != "teacher" and k[1] == "full" and k[2] == 1]
+
+
+def sample_path(args, method, variant, steps):
+    return os.path.join(args.out, "samples", f"{method}_{variant}_{steps}.npz")
 
 
 def write_csv(rows, args):
@@ -182,7 +235,8 @@ def write_csv(rows, args):
 def row_order(r):
     """Table order: teacher, dmd, add; variants as listed; then sampling steps."""
     variants = list(dict.fromkeys([*DMD_VARIANTS, *ADD_VARIANTS]))   # full, no_reg, no_dm, adv, distill
-    return ["teacher", "dmd", "add"].index(r["method"]), variants.index(r["variant"]), int(r["steps"])
+    return (["teacher", "dmd", "add"].index(r["method"]), variants.index(r["variant"]), int(r["steps"]),
+            int(r.get("seed") or 0))
 
 
 def parallel(jobs, tasks):
@@ -197,44 +251,24 @@ def read_csv(args):
     path = os.path.join(args.results, "fmnist.csv")
     if not os.path.exists(path):
         return {}
-    return {(r["method"], r["variant"], int(r["steps"])): r for r in csv.DictReader(open(path))}
-
-
-def within_class_spread(images, labels):
-    """Mean over classes of the mean squared pixel distance between two different samples of that class,
-    pixels in [0, 1]: (N, H, W) uint8 images, (N,) labels -> float. Near 0 = every sample of a class alike."""
-    x = images.reshape(len(images), -1).astype(np.float64) / 255
-    out = []
-    for c in np.unique(labels):
-        v = x[labels == c]
-        if len(v) > 1:   # sum over pairs i != j of |v_i - v_j|^2 = 2 n sum |v_i|^2 - 2 |sum v_i|^2
-            n = len(v)
-            out.append((2 * n * (v ** 2).sum() - 2 * (v.sum(0) ** 2).sum()) / (n * (n - 1) * x.shape[1]))
-    return float(np.mean(out))
-
-
-def write_spread(rows, args):
-    """results/fmnist_spread.csv: within_class_spread of every row's FID samples (mode collapse shows as ~0)."""
-    with open(os.path.join(args.results, "fmnist_spread.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "variant", "steps", "spread"])
-        for m, v, s in rows:
-            with np.load(os.path.join(args.out, "samples", f"{m}_{v}_{s}.npz")) as d:
-                w.writerow([m, v, s, f"{within_class_spread(d['images'], d['labels']):.4f}"])
+    return {(r["method"], r["variant"], int(r["steps"]), int(r.get("seed") or 0)): r
+            for r in csv.DictReader(open(path))}
 
 
 def figures(rows, args):
     """results/fmnist_samples.png (per class: teacher 32 steps | DMD 1 | ADD 1 | ADD 4) and
-    results/fmnist_fid_vs_steps.png (teacher FID against Heun steps, one-step students marked)."""
+    results/fmnist_fd_vs_steps.png (teacher FD_FMNIST against Heun steps, one-step students marked)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(args.results, exist_ok=True)
+    seed = args.seed
     cols = [("teacher", "full", max(TEACHER_STEPS), f"teacher, {max(TEACHER_STEPS)} steps"),
             ("dmd", "full", 1, "DMD, 1 step"), ("add", "full", 1, "ADD, 1 step"), ("add", "full", 4, "ADD, 4 steps")]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6))
-    for ax, (m, v, s, title) in zip(axes, cols):
-        with np.load(os.path.join(args.out, "samples", f"{m}_{v}_{s}.npz")) as d:
+    cols = [c for c in cols if os.path.exists(sample_path(args, *c[:3]))]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6), squeeze=False)
+    for ax, (m, v, s, title) in zip(axes[0], cols):
+        with np.load(sample_path(args, m, v, s)) as d:
             ims, labels = d["images"], d["labels"]
         ims = ims[..., 0] if ims.ndim == 4 else ims                          # grey: (N, H, W) or (N, H, W, 1)
         blank = np.zeros((6, 28, 28), ims.dtype)   # a class with fewer than 6 samples is padded with black
@@ -242,34 +276,67 @@ def figures(rows, args):
         grid = np.concatenate([np.concatenate(list(np.concatenate([ims[i][:, 2:30, 2:30], blank])[:6]), 1)
                                for i in pick], 0)
         ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{title}\nFID {float(rows[(m, v, s)]['fid']):.1f}", fontsize=9)
+        r = rows.get((m, v, s, seed), {})
+        ax.set_title(f"{title}\nFD_FMNIST {float(r.get('fd_fmnist') or 'nan'):.2f}, recall "
+                     f"{float(r.get('recall') or 'nan'):.2f}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(args.results, "fmnist_samples.png"), dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    ts = [s for s in TEACHER_STEPS if ("teacher", "full", s) in rows]
-    ax.plot(ts, [float(rows[("teacher", "full", s)]["fid"]) for s in ts], "o-", color="k", label="teacher (Heun)")
+    ts = [s for s in TEACHER_STEPS if ("teacher", "full", s, seed) in rows]
+    ax.plot(ts, [float(rows[("teacher", "full", s, seed)]["fd_fmnist"]) for s in ts], "o-", color="k",
+            label="teacher (Heun)")
     marks = [("dmd", "full", 1, "DMD", "C0", "s"), ("add", "full", 1, "ADD 1 step", "C1", "^"),
              ("add", "full", 4, "ADD 4 steps", "C2", "v")]
     for m, v, s, lab, c, mk in marks:
-        if (m, v, s) in rows:
-            ax.plot([s], [float(rows[(m, v, s)]["fid"])], mk, color=c, ms=9, label=lab)
+        if (m, v, s, seed) in rows:
+            ax.plot([s], [float(rows[(m, v, s, seed)]["fd_fmnist"])], mk, color=c, ms=9, label=lab)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sampling steps")
-    ax.set_ylabel(f"FID ({args.fid_num} samples)")
+    ax.set_ylabel(f"FD_FMNIST ({args.num} samples)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.results, "fmnist_fid_vs_steps.png"), dpi=110)
+    fig.savefig(os.path.join(args.results, "fmnist_fd_vs_steps.png"), dpi=110)
     plt.close(fig)
+
+
+def shipped_teacher(args, cfg):
+    """-> (folder, info) of the teacher shipped for this scale, or (None, None) if there is none or
+    --retrain-teacher. info: teacher_info.json (command, train_steps, wall_s, seed)."""
+    folder = os.path.join(MODELS, f"fmnist-{args.scale}")
+    if args.retrain_teacher or not os.path.exists(os.path.join(folder, "teacher_info.json")):
+        return None, None
+    return folder, json.load(open(os.path.join(folder, "teacher_info.json")))
+
+
+def ship_teacher(args):
+    """RUN_DIR/unet (EMA weights) -> MODELS/fmnist-SCALE/unet in fp16 safetensors (loaded back as fp32), the
+    scheduler config, and teacher_info.json: the command, steps and wall time the CSV's teacher rows carry."""
+    import shutil
+
+    from diffusers import UNet2DModel
+    if not (args.teacher_command and args.teacher_wall_s):
+        sys.exit("benchmark: error: --ship-teacher needs --teacher-command and --teacher-wall-s")
+    dest = os.path.join(MODELS, f"fmnist-{args.scale}")
+    unet = UNet2DModel.from_pretrained(os.path.join(args.ship_teacher, "unet"))
+    unet.half().save_pretrained(os.path.join(dest, "unet"))
+    shutil.copytree(os.path.join(args.ship_teacher, "scheduler"), os.path.join(dest, "scheduler"), dirs_exist_ok=True)
+    steps = int(open(os.path.join(args.ship_teacher, "log.csv")).read().split()[-1].split(",")[0])
+    info = dict(command=args.teacher_command, train_steps=steps, wall_s=args.teacher_wall_s, seed=0,
+                parameters=sum(p.numel() for p in unet.parameters()), export="benchmark/fmnist.py --ship-teacher")
+    json.dump(info, open(os.path.join(dest, "teacher_info.json"), "w"), indent=1)
+    print(f"shipped {args.ship_teacher} (step {steps}) -> {dest}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = SCALES[args.scale]
-    args.fid_num = args.fid_num or cfg["fid_num"]
+    if args.ship_teacher:
+        return ship_teacher(args)
+    args.num = args.num or cfg["num"]
     args.jobs = args.jobs or cfg["jobs"]
     args.gen_batch = cfg["gen_batch"]
     # N stages at once share the CPU cores: each gets cores / N threads. Two CPU trainings that each took both
@@ -279,11 +346,14 @@ def main(argv=None):
     state_path = os.path.join(args.out, "state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else {}
     rows = read_csv(args)
-    t_dir = os.path.join(args.out, "teacher")
-    # 1. train everything: the teacher, the DMD regression pairs, then the six students (--jobs at once)
-    trained = {("teacher", "full"): train_stage("teacher", "teacher.py", t_dir,
-                                                "--dataset fashion-mnist " + cfg["teacher"], args, state,
-                                                rows, ("teacher", "full"))}
+    # 1. the teacher (shipped, or trained), the DMD regression pairs, then the six students (--jobs at once)
+    t_dir, t_info = shipped_teacher(args, cfg)
+    args.teacher_name = os.path.basename(t_dir) if t_dir else f"retrained-seed{args.seed}"
+    if t_dir is None:
+        t_dir = os.path.join(args.out, "teacher")
+        t_info = train_stage("teacher", "teacher.py", t_dir, "--dataset fashion-mnist " + cfg["teacher"], args,
+                             state, rows, ("teacher", "full"))
+    trained = {("teacher", "full"): t_info}
     pairs = os.path.join(args.out, "dmd_pairs")
     if not os.path.exists(os.path.join(pairs, "done")):
         wall, _ = run(f"dmd.py --teacher {t_dir} --pairs-dir {pairs} --output-dir {pairs} --seed {args.seed} "
@@ -297,25 +367,26 @@ def main(argv=None):
                                                            state, rows, st[3], args.threads) for st in stages])
     trained.update({st[3]: info for st, info in zip(stages, infos)})
     if args.skip_fid:
-        print(f"trained: {', '.join(st[0] for st in stages)} (--skip-fid: no FID rows)")
+        print(f"trained: {', '.join(st[0] for st in stages)} (--skip-fid: no rows scored)")
         return
-    # 2. the reference statistics, then one FID row per (model, sampling steps)
-    args.ref = os.path.join(args.out, f"ref_fmnist_test{cfg['ref_num']}.npz")
-    if not os.path.exists(args.ref):
-        run(f"eval.py stats fashion-mnist-test --num {cfg['ref_num']} --out {args.ref}",
-            os.path.join(args.out, "logs", "ref.log"))
-    todo = [(("teacher", "full", s), f"--teacher {t_dir}", s) for s in TEACHER_STEPS]
-    todo += [(("dmd", v, 1), f"--generator {args.out}/dmd_{v}/generator", 1) for v in DMD_VARIANTS]
-    todo += [(("add", v, s), f"--generator {args.out}/add_{v}/student", s) for v in ADD_VARIANTS
+    # 2. one row per (model, sampling steps): samples, then the domain metrics (a shipped teacher's rows once)
+    todo = [] if (args.seed and args.teacher_name != f"retrained-seed{args.seed}") else \
+        [(("teacher", "full", s, args.seed), f"--teacher {t_dir}", s) for s in TEACHER_STEPS]
+    todo += [(("dmd", v, 1, args.seed), f"--generator {args.out}/dmd_{v}/generator", 1) for v in DMD_VARIANTS]
+    todo += [(("add", v, s, args.seed), f"--generator {args.out}/add_{v}/student", s) for v in ADD_VARIANTS
              for s in ([1, 4] if v == "full" else cfg["add_ablation_steps"])]
-    parallel(args.jobs, [lambda t=t: fid_row(rows, t[0], t[1], t[2], args, trained[t[0][:2]]) for t in todo])
+    parallel(args.jobs, [lambda t=t: score_row(rows, t[0], t[1], t[2], args, trained[t[0][:2]]) for t in todo])
+    # 3. Inception FID: the reference statistics of as many test images, then the scale's FID rows
+    args.ref = os.path.join(args.out, f"ref_fmnist_test{args.num}.npz")
+    if not os.path.exists(args.ref):
+        run(f"eval.py stats fashion-mnist-test --num {args.num} --out {args.ref}",
+            os.path.join(args.out, "logs", "ref.log"))
+    parallel(args.jobs, [lambda k=k: fid_row(rows, k, args) for k in fid_keys(rows, args, cfg)])
     write_csv(rows, args)
-    write_spread(rows, args)
     figures(rows, args)
-    print(f"results: {os.path.join(args.results, 'fmnist.csv')}, fmnist_spread.csv, fmnist_samples.png, "
-          "fmnist_fid_vs_steps.png")
+    print(f"results: {os.path.join(args.results, 'fmnist.csv')}, fmnist_samples.png, fmnist_fd_vs_steps.png")
     for r in sorted(rows.values(), key=row_order):
-        print(",".join(str(r[k]) for k in FIELDS))
+        print(",".join(str(r.get(k, "")) for k in FIELDS))
 
 
 if __name__ == "__main__":
