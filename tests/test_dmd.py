@@ -170,10 +170,16 @@ def run_dmd(out, teacher, *extra):
 
 @pytest.mark.parametrize("kind", ["vp_class", "edm_uncond", "sd"])
 def test_smoke_each_teacher_kind_exports_a_loadable_generator(tiny_teachers, tmp_path, kind, monkeypatch):
-    """sd: no --prompts, run from another folder: the shipped prompts/train.txt beside dmd.py is found."""
+    """sd: no --prompts, run from another folder: the shipped prompts/train.txt beside dmd.py is found; the
+    sample grid shows the first 16 prompts of prompts/eval.txt."""
     monkeypatch.chdir(tmp_path)
     extra = ["--resolution", "16"] if kind == "sd" else []
+    seen, encode = [], dmd.Conditions.encode
+    monkeypatch.setattr(dmd.Conditions, "encode", lambda self, texts: seen.append(list(texts)) or encode(self, texts))
     history = run_dmd(tmp_path, tiny_teachers[kind], *extra)
+    if kind == "sd":
+        train, evals = ((ROOT / "prompts" / f).read_text().splitlines() for f in ("train.txt", "eval.txt"))
+        assert evals[:16] in seen and all(set(t) <= set(train) for t in seen if t not in ([""], evals[:16]))
     assert [h["step"] for h in history] == [1, 2]
     assert all(math.isfinite(v) for h in history for v in h.values())
     for f in ("log.csv", "loss.png", "samples_0000002.png", "checkpoint.pt", "generator/generator.json"):
