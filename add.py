@@ -1,10 +1,13 @@
 """Adversarial Diffusion Distillation: a diffusion teacher -> a 1-4 step student.
 
 Paper: Sauer, Lorenz, Blattmann, Rombach, "Adversarial Diffusion Distillation", arXiv:2311.17042.
-Sec. 3 (method), Eqs. 1-4, Table 1 (ablations), Appendix A (SDS as a special case).
+Sec. 3 (method), Eqs. 1-4, Table 1 (ablations), Appendix A (SDS as a special case). Text teachers train by
+default on the teacher's own samples for the shipped prompts (--data synthetic), as LADD does (Sauer et al.,
+"Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation", arXiv:2403.12015).
 
 Run
-  python add.py --teacher sdxl --data DIR            # SDXL (also sd21, sd15); DIR: images + captions
+  python add.py --teacher sdxl                       # SDXL (also sd21, sd15) on its own samples (--data synthetic)
+  python add.py --teacher sdxl --data DIR            # ... on real images; DIR: images + captions
   python add.py --teacher PATH --data fashion-mnist  # a local class-conditional pixel UNet2DModel teacher
   accelerate launch add.py ...  (or torchrun --nproc_per_node N add.py ...)   # data-parallel, several GPUs
 
@@ -17,12 +20,14 @@ Equation map (paper, equation -> function)
   ADD Eq. 4                 c(t) ||x_hat - sg(x_psi(x_hat_t, t))||^2 (pixels)    -> score_distillation_loss
   ADD Sec. 3.2, App. A      c(t): exponential alpha_t, SDS, NFSD                  -> distillation_weight, nfsd_target
   ADD Sec. 3.1              multi-step sampling: re-noise and denoise again      -> sample
+  LADD, DDIM (Song et al.)  synthetic x_0: the teacher's CFG samples (eta = 0)   -> build_synthetic, teacher_sample
 """
 import argparse
 import contextlib
 import copy
 import csv
 import json
+import math
 import os
 import random
 import sys
@@ -37,6 +42,7 @@ HUB = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd21": "stabilityai/
        "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 NFSD_NEGATIVE = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, "
                  "gloomy")  # the negative prompt of Katzir et al. (NFSD)
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
 
 
 # Copied from dmd.py: Parser
@@ -59,8 +65,18 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--teacher", required=True, help="sdxl | sd21 | sd15 | a hub id | a local folder (SD/SDXL layout, or a "
                                        "class-conditional pixel UNet2DModel with its DDPMScheduler)")
-    a("--data", required=True, help="DIR of images with captions (.txt beside each image, or metadata.jsonl); "
-                                    "for class-conditional teachers DIR/<class index>/*.png, fashion-mnist or mnist")
+    a("--data", default=None, help="DIR of images with captions (.txt beside each image, or metadata.jsonl); "
+      "for class-conditional teachers DIR/<class index>/*.png, fashion-mnist or mnist; 'synthetic' (the default "
+      "for text teachers): the teacher's own samples for --prompts (LADD), built once under --data-dir")
+    a("--prompts", default=None, help="--data synthetic: a file of prompts, one per line (default: the shipped "
+      "prompts/train.txt beside this script; sample grids then use prompts/eval.txt)")
+    a("--data-dir", default=None, help="--data synthetic: where its shards are built (resumably) and reused by "
+      "later runs (default OUTPUT_DIR/synthetic)")
+    a("--synthetic-images", type=int, default=10_000, help="--data synthetic: how many teacher samples")
+    a("--synthetic-steps", type=int, default=50, help="--data synthetic: DDIM (= Euler) steps of the teacher")
+    a("--synthetic-guidance", type=float, default=None, help="--data synthetic: the teacher's classifier-free "
+      "guidance scale (default: 7.5; 5.0 for SDXL, as in diffusers' pipelines)")
+    a("--shard-size", type=int, default=500, help="--data synthetic: samples per shard file")
     a("--resolution", type=int, default=512, help="training image size (images are resized and centre-cropped)")
     a("--output-dir", default="runs/add", help="samples, logs, checkpoints and the exported student")
     a("--max-steps", type=int, default=10_000, help="student updates (the paper gives none)")
@@ -103,7 +119,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_minutes < 0:
         p.error("--max-minutes must be >= 0")
-    for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size"):
+    for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size",
+              "synthetic_images", "synthetic_steps", "shard_size"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     ts = args.student_timesteps
@@ -113,6 +130,10 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is visible")
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    args.prompts = args.prompts or os.path.join(PROMPTS, "train.txt")
+    if args.data in (None, "synthetic") and not os.path.isfile(args.prompts):
+        p.error(f"--prompts {args.prompts}: no such file")
+    args.data_dir = args.data_dir or os.path.join(args.output_dir, "synthetic")
     return args
 
 
@@ -304,6 +325,7 @@ class RealData:
     torch RNG (so --resume repeats the same draws)."""
 
     EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+    latent = False   # batch() gives pixels
 
     def __init__(self, spec, resolution, channels, text):
         self.res, self.channels, self.arrays = resolution, channels, None
@@ -378,6 +400,84 @@ def load_mnist_like(name):
         return ds.data.numpy(), ds.targets.numpy()
     except Exception as e:  # noqa: BLE001
         fail(f"--data fashion-mnist: install Debian's dataset-fashion-mnist or go online ({str(e)[:80]})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic data (LADD): the teacher's own samples for the shipped prompts, built once in shards
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_sample(tch, z, cond, uncond, steps, guidance, res):
+    """The teacher's sampler: DDIM (Song et al. 2021, eta = 0), which is Euler on the probability-flow ODE in
+    x / alpha (diffusers' EulerDiscreteScheduler, SDXL's default), at `steps` 'trailing' timesteps from T - 1, with
+    classifier-free guidance x0 = x0_u + g (x0_c - x0_u). Step: eps = (x_t - alpha_t x0) / sigma_t,
+    x_t' = alpha_t' x0 + sigma_t' eps; the last step returns x0. z: (B, C, H, W) noise -> latents x_0."""
+    T, n = len(tch.alpha), len(z)
+    ts = [round(T - i * T / steps) - 1 for i in range(steps)]
+    both = {k: torch.cat([u.expand(n, *u.shape[1:]), cond[k]]) for k, u in uncond.items()}
+    x = z
+    for i, t in enumerate(ts):
+        tt = torch.full((n,), t, device=z.device, dtype=torch.long)
+        if guidance == 1.0:
+            x0 = tch.x0(tch.unet, x, tt, cond, res)
+        else:
+            x0_u, x0_c = tch.x0(tch.unet, torch.cat([x, x]), torch.cat([tt, tt]), both, res).chunk(2)
+            x0 = x0_u + guidance * (x0_c - x0_u)
+        if i + 1 < steps:
+            eps = (x - tch.alpha[t] * x0) / tch.sigma[t]
+            x = tch.alpha[ts[i + 1]] * x0 + tch.sigma[ts[i + 1]] * eps
+    return x0
+
+
+def build_synthetic(tch, args, shape, device, rank=0, world=1):
+    """--data synthetic: --synthetic-images latents x_0 = teacher_sample(z, prompt) for prompts drawn from
+    --prompts (LADD trains on such samples and finds them as good as real images). Shard k holds samples
+    [k S, (k + 1) S) from seed (seed, k), written atomically; existing shards are kept, so an interrupted build
+    resumes and later runs reuse them (as dmd.py's regression pairs). Latents are stored: no VAE round trip.
+    Returns the shards, memory-mapped: {'x0': (n, C, H, W), 'prompts': [n str]}."""
+    from tqdm import tqdm
+    os.makedirs(args.data_dir, exist_ok=True)
+    prompts, n_shards = read_prompts(args.prompts), math.ceil(args.synthetic_images / args.shard_size)
+    path = lambda k: os.path.join(args.data_dir, f"shard_{k:05d}.pt")  # noqa: E731
+    size = lambda k: min(args.shard_size, args.synthetic_images - k * args.shard_size)  # noqa: E731
+    mine = [k for k in range(n_shards) if k % world == rank]
+    todo = [k for k in mine if not os.path.exists(path(k))]
+    bar = tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)), unit="img",
+               desc="synthetic data (teacher samples)", disable=rank != 0 or not todo, file=sys.stderr)
+    uncond, m = tch.encode_text([""], device), args.micro_batch
+    for k in todo:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
+        z, ids = torch.randn((size(k), *shape), generator=g), torch.randint(0, len(prompts), (size(k),), generator=g)
+        texts, xs = [prompts[i] for i in ids.tolist()], []
+        for i in range(0, size(k), m):
+            with autocast(args):
+                xs.append(teacher_sample(tch, z[i:i + m].to(device), tch.encode_text(texts[i:i + m], device), uncond,
+                                         args.synthetic_steps, args.synthetic_guidance, args.resolution).float().cpu())
+            bar.update(len(xs[-1]))
+        atomic_save({"x0": torch.cat(xs), "prompts": texts}, path(k))
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    shards = [torch.load(path(k), mmap=True) for k in range(n_shards)]
+    if any(tuple(s["x0"].shape) != (size(k), *shape) for k, s in enumerate(shards)):
+        fail(f"--data-dir {args.data_dir} holds samples of another --synthetic-images, --shard-size, --resolution "
+             "or teacher: give a fresh --data-dir")
+    return shards
+
+
+class SyntheticData:
+    """The teacher's latents x_0 and their prompts, drawn at random with the torch RNG like RealData."""
+
+    latent = True   # batch() gives latents x_0 (the pixels for the discriminator are their decoding)
+
+    def __init__(self, shards):
+        self.shards, self.size = shards, len(shards[0]["x0"])
+
+    def __len__(self):
+        return sum(len(s["x0"]) for s in self.shards)
+
+    def batch(self, n, generator=None):
+        rows = [divmod(i, self.size) for i in torch.randint(0, len(self), (n,), generator=generator).tolist()]
+        return torch.stack([self.shards[k]["x0"][r] for k, r in rows]), [self.shards[k]["prompts"][r] for k, r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -552,6 +652,15 @@ def _from_pretrained(cls, where, flag="--teacher", **kw):
             q.setLevel(lv)
 
 
+# Copied from dmd.py: read_prompts
+def read_prompts(path):
+    """A prompt file -> its non-empty lines, stripped; a one-line error if it has none."""
+    prompts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    if not prompts:
+        fail(f"{path} has no prompts")
+    return prompts
+
+
 # Copied from dmd.py: autocast
 def autocast(args):
     if args.mixed_precision == "bf16":
@@ -655,11 +764,22 @@ def train(args):
     if args.distill_weighting == "nfsd" and not tch.text:
         fail("--distill-weighting nfsd needs a text-to-image teacher (it uses unconditional and negative prompts)")
     res = args.resolution
-    data = RealData(args.data, res, 3 if tch.vae is not None else tch.unet.config.in_channels, tch.text)
-    top = int(data.arrays[1].max()) if data.arrays is not None else max((c for _, c in data.items), default=0) \
-        if not tch.text else 0
-    if tch.num_classes and top >= tch.num_classes:
-        fail(f"--data {args.data} has class {top}, but the teacher knows {tch.num_classes} classes")
+    f = 2 ** (len(tch.vae.config.block_out_channels) - 1) if tch.vae is not None else 1
+    shape = (tch.unet.config.in_channels, res // f, res // f)
+    args.data = args.data or ("synthetic" if tch.text else None)
+    if not tch.text and args.data in (None, "synthetic"):
+        fail("a pixel teacher needs --data (DIR of class folders <index>/, fashion-mnist or mnist); --data "
+             "synthetic is for text-to-image teachers")
+    if args.data == "synthetic":
+        if args.synthetic_guidance is None:
+            args.synthetic_guidance = 5.0 if tch.xl else 7.5
+        data = SyntheticData(build_synthetic(tch, args, shape, device, rank, world))
+    else:
+        data = RealData(args.data, res, 3 if tch.vae is not None else tch.unet.config.in_channels, tch.text)
+        top = int(data.arrays[1].max()) if data.arrays is not None else max((c for _, c in data.items), default=0) \
+            if not tch.text else 0
+        if tch.num_classes and top >= tch.num_classes:
+            fail(f"--data {args.data} has class {top}, but the teacher knows {tch.num_classes} classes")
     student = copy.deepcopy(tch.unet).requires_grad_(True).train()
     if args.student_init == "random":
         student = type(tch.unet).from_config(tch.unet.config).to(device).train()
@@ -701,10 +821,8 @@ def train(args):
     guidance = 7.5 if args.distill_weighting == "nfsd" and args.guidance == 1.0 else args.guidance
     ts = torch.tensor(args.student_timesteps, device=device)
     vis_g = torch.Generator().manual_seed(args.seed + 12345)
-    f = 2 ** (len(tch.vae.config.block_out_channels) - 1) if tch.vae is not None else 1
-    shape = (tch.unet.config.in_channels, res // f, res // f)
     z_vis = torch.randn((8, *shape), generator=vis_g).to(device)
-    vis_conds = data.batch(8, vis_g)[1]
+    vis_conds = read_prompts(os.path.join(PROMPTS, "eval.txt"))[:8] if data.latent else data.batch(8, vis_g)[1]
 
     def conditioning(raw):
         if tch.text:
@@ -731,11 +849,13 @@ def train(args):
         for k in range(accum):
             sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_student.no_sync()
             with sync, autocast(args):
-                # 1. real x_0, noised at a student timestep s (zero terminal SNR), denoised by the student
-                img0, raw = data.batch(m)
-                img0, cond = img0.to(device), conditioning(raw)
+                # 1. real x_0 (or the teacher's own latents), noised at a student timestep s (zero terminal SNR),
+                #    denoised by the student
+                batch, raw = data.batch(m)
+                batch, cond = batch.to(device), conditioning(raw)
                 with torch.no_grad():
-                    x0 = tch.encode_images(img0)
+                    x0, img0 = (batch, tch.decode(batch).clamp(-1, 1)) if data.latent else \
+                        (tch.encode_images(batch), batch)
                     c_img = feat(img0)[1] if args.disc_cond in ("img", "both") else None
                 s = ts[torch.randint(0, len(ts), (m,), device=device)]
                 x_s = add_noise(x0, torch.randn_like(x0), tch.zt_alpha[s].view(-1, 1, 1, 1),

@@ -6,7 +6,7 @@ Distillation", arXiv:2311.18828. Algorithm 1, Eqs. 3-9, Appendix B hyperparamete
 Run
   python dmd.py --dataset imagenet64                  # EDM ImageNet-64 teacher (hub), paper defaults
   python dmd.py --dataset cifar10                     # google/ddpm-cifar10-32 (unconditional DDPM)
-  python dmd.py --teacher sd15 --prompts prompts.txt  # Stable Diffusion 1.5, real score with CFG 3
+  python dmd.py --teacher sd15                        # Stable Diffusion 1.5 on prompts/train.txt, real score CFG 3
   python dmd.py --teacher PATH --reg-loss l2          # any local diffusers UNet2DModel (+ its schedule)
   accelerate launch dmd.py ...   (or torchrun --nproc_per_node N dmd.py ...)   # data-parallel, several GPUs
 
@@ -51,6 +51,7 @@ PRESETS = {
     "sd15": dict(lr=1e-5, batch_size=2304, max_steps=20_000, num_pairs=500_000, ode_steps=25, lambda_reg=0.25),
     "local": dict(lr=5e-5, batch_size=256, max_steps=10_000, num_pairs=10_000, ode_steps=18, lambda_reg=0.25),
 }
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,7 +75,8 @@ def parse_args(argv=None):
       help="paper setting with its hub teacher: EDM ImageNet-64 (class-cond.) or DDPM CIFAR-10 (uncond.)")
     a("--teacher", default=None, help="'sd15', a hub id, or a local folder (diffusers UNet2DModel + schedule, "
                                       "or a Stable Diffusion pipeline folder)")
-    a("--prompts", default=None, help="text-to-image: a file of prompts, one per line")
+    a("--prompts", default=None, help="text-to-image: a file of prompts, one per line (default: the shipped "
+      "prompts/train.txt beside this script; sample grids use prompts/eval.txt)")
     a("--guidance", type=float, default=3.0, help="classifier-free guidance of the real score (text-to-image)")
     a("--output-dir", default="runs/dmd", help="samples, logs, checkpoints and the exported generator")
     a("--max-steps", type=int, default=None,
@@ -132,7 +134,8 @@ def parse_args(argv=None):
         p.error("need 0 <= --t-min < --t-max <= 1")
     if args.no_dm and args.no_reg:
         p.error("--no-dm and --no-reg together leave nothing to train")
-    if args.prompts and not os.path.isfile(args.prompts):
+    args.prompts = args.prompts or os.path.join(PROMPTS, "train.txt")
+    if not os.path.isfile(args.prompts):
         p.error(f"--prompts {args.prompts}: no such file")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -395,8 +398,6 @@ def load_text_to_image_teacher(where, args):
     """Stable Diffusion layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/): latent-space teacher."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    if not args.prompts:
-        fail("a text-to-image teacher needs --prompts FILE (one prompt per line)")
     unet = _from_pretrained(UNet2DConditionModel, where, subfolder="unet")
     sched = _from_pretrained(DDPMScheduler, where, subfolder="scheduler")
     abar = sched.alphas_cumprod.double().clamp(min=2.0 ** -24)  # as diffusers does for zero terminal SNR
@@ -415,9 +416,8 @@ class Conditions:
 
     def __init__(self, tch, args, device):
         self.tch, self.device = tch, device
-        self.prompts = [ln.strip() for ln in open(args.prompts) if ln.strip()] if tch.text else None
-        if tch.text and not self.prompts:
-            fail(f"--prompts {args.prompts} has no prompts")
+        self.prompts = read_prompts(args.prompts) if tch.text else None
+        self.eval_prompts = read_prompts(os.path.join(PROMPTS, "eval.txt")) if tch.text else None
         self.uncond = self.encode([""]) if tch.text else None
 
     @torch.no_grad()
@@ -435,6 +435,19 @@ class Conditions:
             return None
         ids = ids.to(self.device)
         return self.encode([self.prompts[i] for i in ids.tolist()]) if self.tch.text else ids
+
+    def grid(self, n, generator):
+        """Conditioning of the n sample-grid images: the first n held-out prompts of prompts/eval.txt (text),
+        else n drawn class labels (or None)."""
+        return self.encode(self.eval_prompts[:n]) if self.tch.text else self.embed(self.draw(n, generator))
+
+
+def read_prompts(path):
+    """A prompt file -> its non-empty lines, stripped; a one-line error if it has none."""
+    prompts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    if not prompts:
+        fail(f"{path} has no prompts")
+    return prompts
 
 
 def sample_shape(tch, args):
@@ -659,12 +672,12 @@ def train(args):
         run_fake = None if fake is None else torch.compile(run_fake)
     t_lo, t_hi = int(args.t_min * tch.T), min(int(args.t_max * tch.T), tch.T - 1)
     vis_g = torch.Generator().manual_seed(args.seed + 12345)
-    z_vis, ids_vis = torch.randn((16, *shape), generator=vis_g).to(device), conds.draw(16, vis_g)
+    z_vis, c_vis = torch.randn((16, *shape), generator=vis_g).to(device), conds.grid(16, vis_g)
     lam = args.lambda_reg
 
-    def G(z, ids):
+    def G(z, c):
         x_in, t = tch.generator_input(z)
-        return tch.mu(run_gen, x_in, t, conds.embed(ids))
+        return tch.mu(run_gen, x_in, t, c)
 
     def checkpoint():
         if rank == 0:
@@ -691,7 +704,7 @@ def train(args):
                     z_ref, y_ref = z_ref.to(device), y_ref.to(device)
                     z = torch.cat([z, z_ref])
                     ids = None if ids is None else torch.cat([ids, ids_ref])
-                out = G(z, ids)
+                out = G(z, conds.embed(ids))
                 x, x_ref = out[:m], out[m:]
                 loss = x.new_zeros((), dtype=torch.float32)
                 if fake is not None:
@@ -755,7 +768,7 @@ def train(args):
                 write_log(history, args.output_dir)
         if rank == 0 and (step % args.sample_every == 0 or last):
             with torch.no_grad(), autocast(args):
-                save_grid(tch, G(z_vis, ids_vis), os.path.join(args.output_dir, f"samples_{step:07d}.png"))
+                save_grid(tch, G(z_vis, c_vis), os.path.join(args.output_dir, f"samples_{step:07d}.png"))
         if step % args.ckpt_every == 0 or last:
             checkpoint()
         if last:

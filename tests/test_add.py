@@ -2,7 +2,9 @@
 import ast
 import json
 import math
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,6 +107,107 @@ def test_smoke_exported_student_samples_at_1_and_4_steps(tiny_add_world, tmp_pat
     torch.testing.assert_close(one[0], one[1])
 
 
+def test_teacher_sampler_is_diffusers_ddim_with_cfg():
+    """teacher_sample (4 trailing steps, CFG 3) == diffusers' DDIMScheduler stepping the guided eps, an independent
+    implementation, on a stand-in UNet whose eps depends on x_t, t and the text embedding."""
+    from diffusers import DDIMScheduler
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+    class Net(torch.nn.Module):
+        def forward(self, x_t, t, encoder_hidden_states):
+            c = encoder_hidden_states.mean((1, 2)).view(-1, 1, 1, 1)
+            return SimpleNamespace(sample=0.3 * x_t + c + t.view(-1, 1, 1, 1) / 1000)
+
+    from diffusers import DDPMScheduler
+    tch = add.Teacher(Net(), DDPMScheduler(**kw).alphas_cumprod.double(), "epsilon", "test", encoders=[None])
+    torch.manual_seed(0)
+    z, cond, uncond = torch.randn(2, 4, 3, 3), {"ehs": torch.randn(2, 3, 5)}, {"ehs": torch.randn(1, 3, 5)}
+    ours = add.teacher_sample(tch, z, cond, uncond, 4, 3.0, 16)
+    sched = DDIMScheduler(**kw, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 749, 499, 249]
+    x = z
+    for t in sched.timesteps:
+        tt = torch.full((2,), int(t))
+        e_u, e_c = (Net()(x, tt, c["ehs"].expand(2, -1, -1)).sample for c in (uncond, cond))
+        x = sched.step(e_u + 3.0 * (e_c - e_u), t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+def run_synthetic(w, out, teacher, *extra):
+    """add.py with no --data: trains on 3 teacher samples (2 DDIM steps) in shards of 2."""
+    argv = ["--teacher", w[teacher], "--disc-backbone", w["dino"], "--output-dir", str(out), "--max-steps", "1",
+            "--batch-size", "2", "--log-every", "1", "--device", "cpu",
+            "--resolution", "16", "--synthetic-images", "3", "--synthetic-steps", "2", "--shard-size", "2", *extra]
+    return add.train(add.parse_args(argv))
+
+
+@pytest.mark.parametrize("teacher", ["sd", "sdxl"])
+def test_no_data_trains_on_synthetic_teacher_samples_built_once(tiny_add_world, tmp_path, capsys, teacher):
+    h = run_synthetic(tiny_add_world, tmp_path, teacher)
+    err = capsys.readouterr().err
+    assert "synthetic data (teacher samples)" in err and "3/3" in err, err     # the build's progress bar
+    assert len(h) == 1 and all(math.isfinite(v) for r in h for v in r.values()) and h[-1]["loss_disc"] > 0
+    assert (tmp_path / "student" / "generator.json").exists() and (tmp_path / "samples_0000001.png").exists()
+    shards = sorted((tmp_path / "synthetic").iterdir())
+    assert [p.name for p in shards] == ["shard_00000.pt", "shard_00001.pt"]
+    s0 = torch.load(shards[0])
+    train = set((ROOT / "prompts" / "train.txt").read_text().splitlines())
+    assert s0["x0"].shape == (2, 4, 8, 8) and set(s0["prompts"]) <= train      # latents of 16 x 16 images
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["args"]
+    assert ck["data"] == "synthetic" and ck["synthetic_guidance"] == (5.0 if teacher == "sdxl" else 7.5)
+    if teacher == "sdxl":
+        return
+    # the next run (here a resumed one) reuses the shards: nothing is rebuilt
+    mtimes = [p.stat().st_mtime_ns for p in shards]
+    h = run_synthetic(tiny_add_world, tmp_path, teacher, "--max-steps", "2", "--resume")
+    assert [r["step"] for r in h] == [1, 2] and "synthetic data" not in capsys.readouterr().err
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes
+
+
+def test_synthetic_shards_are_deterministic_and_an_interrupted_build_resumes(tiny_add_world, tmp_path, capsys):
+    args = add.parse_args(["--teacher", tiny_add_world["sd"], "--output-dir", str(tmp_path), "--resolution", "16",
+                           "--synthetic-images", "3", "--synthetic-steps", "2", "--shard-size", "2",
+                           "--synthetic-guidance", "3", "--device", "cpu"])
+    args.micro_batch = 2
+    tch, cpu, shape = add.load_teacher(args, torch.device("cpu")), torch.device("cpu"), (4, 8, 8)
+    first = add.build_synthetic(tch, args, shape, cpu)
+    snapshot = [{"x0": s["x0"].clone(), "prompts": list(s["prompts"])} for s in first]
+    d = tmp_path / "synthetic"
+    os.remove(d / "shard_00001.pt")
+    (d / "shard_00001.pt.tmp").write_bytes(b"half a shard")              # killed while writing shard 1
+    mtime0 = (d / "shard_00000.pt").stat().st_mtime_ns
+    again = add.build_synthetic(tch, args, shape, cpu)
+    assert (d / "shard_00000.pt").stat().st_mtime_ns == mtime0 and sorted(os.listdir(d)) == [
+        "shard_00000.pt", "shard_00001.pt"]
+    for s0, s1 in zip(snapshot, again):
+        assert s0["prompts"] == s1["prompts"]
+        torch.testing.assert_close(s0["x0"], s1["x0"], rtol=0, atol=0)
+    # x_0 is the teacher's sampler from the shard's own noise z (seed (seed, k)) and prompt
+    z = torch.randn((1, *shape), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + 1))
+    x0 = add.teacher_sample(tch, z, tch.encode_text(again[1]["prompts"], cpu), tch.encode_text([""], cpu), 2, 3.0, 16)
+    torch.testing.assert_close(x0, again[1]["x0"], rtol=1e-4, atol=1e-4)
+    # shards of another resolution are refused in one line
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        add.build_synthetic(tch, args, (4, 16, 16), cpu)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "fresh --data-dir" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bare_sdxl_command_fails_only_on_the_unreachable_hub(tmp_path, capsys, monkeypatch):
+    """`python add.py --teacher sdxl` needs no --data: offline (HF_HUB_OFFLINE, set in-process) the only error is
+    the hub's, one line naming --teacher PATH."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as e:
+        add.main(["--teacher", "sdxl", "--max-steps", "1", "--device", "cpu", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "stable-diffusion-xl-base-1.0" in err and "--teacher PATH" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert os.path.samefile(add.parse_args(["--teacher", "sdxl"]).prompts, ROOT / "prompts" / "train.txt")
+
+
 @pytest.mark.parametrize("extra", [["--loss", "adv"], ["--loss", "distill"], ["--disc-cond", "none"],
                                    ["--disc-cond", "text", "--distill-weighting", "sds"],
                                    ["--disc-cond", "img", "--student-init", "random"]])
@@ -151,7 +254,7 @@ def test_helpers_copied_from_dmd_are_identical(path, least):
         assert ours[n] == theirs[n], f"{path}'s copy of {n} differs from dmd.py"
 
 
-@pytest.mark.parametrize("case", ["no_teacher", "no_data", "timesteps", "nfsd_class", "batch"])
+@pytest.mark.parametrize("case", ["no_teacher", "no_data", "timesteps", "nfsd_class", "batch", "pixel_no_data"])
 def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
     w = tiny_add_world
     argv, msg = {"no_teacher": (["--teacher", str(tmp_path), "--data", w["cls"]], "no diffusers model"),
@@ -161,7 +264,8 @@ def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
                  "nfsd_class": (["--teacher", w["pix"], "--data", w["cls"], "--distill-weighting", "nfsd"],
                                 "needs a text-to-image teacher"),
                  "batch": (["--teacher", w["pix"], "--data", w["cls"], "--batch-size", "6", "--micro-batch", "4"],
-                           "not a multiple")}[case]
+                           "not a multiple"),
+                 "pixel_no_data": (["--teacher", w["pix"]], "a pixel teacher needs --data")}[case]
     with pytest.raises(SystemExit) as e:
         add.main([*argv, "--disc-backbone", w["dino"], "--device", "cpu", "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err

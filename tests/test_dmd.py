@@ -169,9 +169,17 @@ def run_dmd(out, teacher, *extra):
 
 
 @pytest.mark.parametrize("kind", ["vp_class", "edm_uncond", "sd"])
-def test_smoke_each_teacher_kind_exports_a_loadable_generator(tiny_teachers, tmp_path, kind):
-    extra = ["--prompts", tiny_teachers["prompts"], "--resolution", "16"] if kind == "sd" else []
+def test_smoke_each_teacher_kind_exports_a_loadable_generator(tiny_teachers, tmp_path, kind, monkeypatch):
+    """sd: no --prompts, run from another folder: the shipped prompts/train.txt beside dmd.py is found; the
+    sample grid shows the first 16 prompts of prompts/eval.txt."""
+    monkeypatch.chdir(tmp_path)
+    extra = ["--resolution", "16"] if kind == "sd" else []
+    seen, encode = [], dmd.Conditions.encode
+    monkeypatch.setattr(dmd.Conditions, "encode", lambda self, texts: seen.append(list(texts)) or encode(self, texts))
     history = run_dmd(tmp_path, tiny_teachers[kind], *extra)
+    if kind == "sd":
+        train, evals = ((ROOT / "prompts" / f).read_text().splitlines() for f in ("train.txt", "eval.txt"))
+        assert evals[:16] in seen and all(set(t) <= set(train) for t in seen if t not in ([""], evals[:16]))
     assert [h["step"] for h in history] == [1, 2]
     assert all(math.isfinite(v) for h in history for v in h.values())
     for f in ("log.csv", "loss.png", "samples_0000002.png", "checkpoint.pt", "generator/generator.json"):
@@ -275,6 +283,19 @@ def test_unreachable_hub_is_a_one_line_error(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_bare_sd15_command_fails_only_on_the_unreachable_hub(tmp_path, capsys, monkeypatch):
+    """`python dmd.py --teacher sd15` needs no other flag: offline (HF_HUB_OFFLINE, set in-process so the test
+    skips a subprocess's imports) the only error is the hub's, one line naming --teacher PATH."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as e:
+        dmd.main(["--teacher", "sd15", "--max-steps", "1", "--device", "cpu", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "stable-diffusion-v1-5" in err and "--teacher PATH" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert os.path.samefile(dmd.parse_args(["--teacher", "sd15"]).prompts, ROOT / "prompts" / "train.txt")
+
+
 @pytest.mark.parametrize("case", ["both", "no_model", "batch", "resume", "prompts", "steps"])
 def test_bad_input_is_one_line_exit_2(tiny_teachers, tmp_path, capsys, case):
     os.makedirs(tmp_path / "nothing", exist_ok=True)
@@ -283,7 +304,8 @@ def test_bad_input_is_one_line_exit_2(tiny_teachers, tmp_path, capsys, case):
                  "batch": (["--teacher", tiny_teachers["vp_class"], "--batch-size", "6", "--micro-batch", "4"],
                            "not a multiple"),
                  "resume": (["--teacher", tiny_teachers["vp_class"], "--resume"], "no checkpoint"),
-                 "prompts": (["--teacher", tiny_teachers["sd"]], "needs --prompts"),
+                 "prompts": (["--teacher", tiny_teachers["sd"], "--prompts", str(tmp_path / "none.txt")],
+                             "no such file"),
                  "steps": (["--teacher", tiny_teachers["vp_class"], "--max-steps", "-1"],
                            "--max-steps and --max-minutes must be")}[case]
     with pytest.raises(SystemExit) as e:
