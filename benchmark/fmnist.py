@@ -101,6 +101,8 @@ def parse_args(argv=None):
                    "trainings, then the FID rows) sharing the device, each with CPU cores / N threads (default: "
                    "the scale's: cpu 1, gpu 6)")
     p.add_argument("--skip-fid", action="store_true", help="train (and build the DMD pairs), then stop")
+    p.add_argument("--teacher-only", action="store_true", help="score the teacher's rows (1-32 Heun steps, and FID "
+                   "of the best) and stop: no DMD or ADD")
     p.add_argument("--ship-teacher", default=None, metavar="RUN_DIR", help="copy a teacher.py run's EMA weights "
                    "(fp16 safetensors), its scheduler and how it was trained to benchmark/models/fmnist-SCALE, "
                    "then stop (needs --teacher-command and --teacher-wall-s)")
@@ -354,27 +356,17 @@ def main(argv=None):
         t_info = train_stage("teacher", "teacher.py", t_dir, "--dataset fashion-mnist " + cfg["teacher"], args,
                              state, rows, ("teacher", "full"))
     trained = {("teacher", "full"): t_info}
-    pairs = os.path.join(args.out, "dmd_pairs")
-    if not os.path.exists(os.path.join(pairs, "done")):
-        wall, _ = run(f"dmd.py --teacher {t_dir} --pairs-dir {pairs} --output-dir {pairs} --seed {args.seed} "
-                      f"{cfg['dmd']} --max-steps 0", os.path.join(args.out, "logs", "dmd_pairs.log"))
-        open(os.path.join(pairs, "done"), "w").write(f"{wall:.1f}\n")   # its wall time, seconds
-    stages = [(f"add_{v}", "add.py", f"--teacher {t_dir} --data fashion-mnist {flag} {cfg['add']}", ("add", v))
-              for v, flag in ADD_VARIANTS.items()]
-    stages += [(f"dmd_{v}", "dmd.py", f"--teacher {t_dir} --pairs-dir {pairs} {flag} {cfg['dmd']}", ("dmd", v))
-               for v, flag in DMD_VARIANTS.items()]
-    infos = parallel(args.jobs, [lambda st=st: train_stage(st[0], st[1], os.path.join(args.out, st[0]), st[2], args,
-                                                           state, rows, st[3], args.threads) for st in stages])
-    trained.update({st[3]: info for st, info in zip(stages, infos)})
+    stages = [] if args.teacher_only else students(args, cfg, t_dir, state, rows, trained)
     if args.skip_fid:
         print(f"trained: {', '.join(st[0] for st in stages)} (--skip-fid: no rows scored)")
         return
     # 2. one row per (model, sampling steps): samples, then the domain metrics (a shipped teacher's rows once)
     todo = [] if (args.seed and args.teacher_name != f"retrained-seed{args.seed}") else \
         [(("teacher", "full", s, args.seed), f"--teacher {t_dir}", s) for s in TEACHER_STEPS]
-    todo += [(("dmd", v, 1, args.seed), f"--generator {args.out}/dmd_{v}/generator", 1) for v in DMD_VARIANTS]
-    todo += [(("add", v, s, args.seed), f"--generator {args.out}/add_{v}/student", s) for v in ADD_VARIANTS
-             for s in ([1, 4] if v == "full" else cfg["add_ablation_steps"])]
+    if not args.teacher_only:
+        todo += [(("dmd", v, 1, args.seed), f"--generator {args.out}/dmd_{v}/generator", 1) for v in DMD_VARIANTS]
+        todo += [(("add", v, s, args.seed), f"--generator {args.out}/add_{v}/student", s) for v in ADD_VARIANTS
+                 for s in ([1, 4] if v == "full" else cfg["add_ablation_steps"])]
     parallel(args.jobs, [lambda t=t: score_row(rows, t[0], t[1], t[2], args, trained[t[0][:2]]) for t in todo])
     # 3. Inception FID: the reference statistics of as many test images, then the scale's FID rows
     args.ref = os.path.join(args.out, f"ref_fmnist_test{args.num}.npz")
@@ -387,6 +379,23 @@ def main(argv=None):
     print(f"results: {os.path.join(args.results, 'fmnist.csv')}, fmnist_samples.png, fmnist_fd_vs_steps.png")
     for r in sorted(rows.values(), key=row_order):
         print(",".join(str(r.get(k, "")) for k in FIELDS))
+
+
+def students(args, cfg, t_dir, state, rows, trained):
+    """The DMD regression pairs, then the six students (--jobs at once); their infos go into `trained`."""
+    pairs = os.path.join(args.out, "dmd_pairs")
+    if not os.path.exists(os.path.join(pairs, "done")):
+        wall, _ = run(f"dmd.py --teacher {t_dir} --pairs-dir {pairs} --output-dir {pairs} --seed {args.seed} "
+                      f"{cfg['dmd']} --max-steps 0", os.path.join(args.out, "logs", "dmd_pairs.log"))
+        open(os.path.join(pairs, "done"), "w").write(f"{wall:.1f}\n")   # its wall time, seconds
+    stages = [(f"add_{v}", "add.py", f"--teacher {t_dir} --data fashion-mnist {flag} {cfg['add']}", ("add", v))
+              for v, flag in ADD_VARIANTS.items()]
+    stages += [(f"dmd_{v}", "dmd.py", f"--teacher {t_dir} --pairs-dir {pairs} {flag} {cfg['dmd']}", ("dmd", v))
+               for v, flag in DMD_VARIANTS.items()]
+    infos = parallel(args.jobs, [lambda st=st: train_stage(st[0], st[1], os.path.join(args.out, st[0]), st[2], args,
+                                                           state, rows, st[3], args.threads) for st in stages])
+    trained.update({st[3]: info for st, info in zip(stages, infos)})
+    return stages
 
 
 if __name__ == "__main__":

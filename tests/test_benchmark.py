@@ -97,8 +97,11 @@ def test_shipped_teacher_is_used_and_a_second_seed_adds_its_own_rows(tmp_path, m
               open(models / "fmnist-cpu" / "teacher_info.json", "w"))
     monkeypatch.setattr(fmnist, "MODELS", str(models))
     res = ["--scale", "cpu", "--results", str(tmp_path / "r")]
+    fmnist.main([*res, "--out", str(tmp_path / "w0"), "--teacher-only"])   # the teacher's rows alone first
+    assert [c.split()[1] for c in calls] == ["generate", "domain"] * 6 + ["stats", "fid"]
     fmnist.main([*res, "--out", str(tmp_path / "w0")])
     assert not any(c.startswith("teacher.py") for c in calls)
+    assert sum(c.startswith("eval.py generate --teacher") for c in calls) == 6     # not scored twice
     assert all(f"--teacher {models / 'fmnist-cpu'}" in c for c in calls if c.startswith(("add.py", "dmd.py")))
     fmnist.main([*res, "--out", str(tmp_path / "w1"), "--seed", "1"])
     rows = list(csv.DictReader(open(tmp_path / "r" / "fmnist.csv")))
