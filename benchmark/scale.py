@@ -49,6 +49,7 @@ A GPU session (one H200, device tool; diffusers, lpips and peft are not on that 
 import argparse
 import csv
 import fnmatch
+import gc
 import json
 import os
 import re
@@ -361,6 +362,9 @@ def prepare(work, needs, tiny, res):
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             builders[name]()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()   # the rows' own processes need the GPU memory the build held
         open(done, "w").close()
         print(f"built {name} in {time.time() - t0:.0f} s -> {paths[name]}", flush=True)
     return paths

@@ -48,3 +48,15 @@ def test_row_selection_and_dry_run(capsys):
         scale.main(["--dry-run", "--rows", "nope"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "no row matches 'nope'" in err
+
+
+def test_a_failing_command_and_the_time_budget_become_statuses(tmp_path):
+    from benchmark import probe
+    rec = probe.measure(f"{scale.ROOT}/dmd.py", ["--teacher", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+                                                 "--device", "cpu"], stop_after=3)
+    assert rec["exit"] == 2 and not rec["stopped"] and rec["stamps"] == []
+    assert scale.status_of(rec, "dmd.py: error: no diffusers model there\n") == \
+        "error: dmd.py: error: no diffusers model there"
+    records = scale.main(["--tiny", "--in-process", "--rows", "lat-in64", "--max-minutes", "1e-6",
+                          "--work", str(tmp_path / "w"), "--csv", str(tmp_path / "s.csv")])
+    assert [r["status"] for r in records] == ["skipped: time budget"]
