@@ -35,16 +35,18 @@ weights are a download; LPIPS on 2 x 336 images at 224^2 adds about 2 x 336 x 15
 micro-batch rows dmd-in64-m16/32/48 take one micro-batch per update (--batch-size = --micro-batch), so their
 memory is that of the 336 run at that micro-batch and 336 / m of their updates make one update at 336.
 
-A GPU session (one H200, device tool; diffusers, lpips and peft are not on that machine):
-  here, once:  ../shared/tools/gpu_wheels.sh peft      (diffusers, importlib_metadata, lpips, peft -> .whl/;
-               in a git worktree, where .git is a file, run its pip download line by hand)
+A GPU session (one H200 through the device tool; its machine lacks diffusers, lpips and peft):
+  here, once:  ../shared/tools/gpu_wheels.sh peft     (-> .whl/; in a git worktree, where .git is a file, the
+               script's exclude line fails: run its `pip download` line by hand)
   run(carry=[".whl"], timeout_s=600, command=
     "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
-     .whl/*.whl && export PYTHONPATH=/tmp/site || exit; python benchmark/scale.py --max-minutes 9 --work
-     /tmp/scale --csv $OUT/scale.csv 2>&1 | tail -n 40")
-  then copy the returned scale.csv to benchmark/results/scale.csv. Rows run in the order below; what does not
-  fit --max-minutes (by each row's estimate) is written as 'skipped: time budget': run those in a second
-  session with --rows NAME,... --csv $OUT/scale2.csv and merge the two files.
+     .whl/*.whl && export PYTHONPATH=/tmp/site || exit; python3 benchmark/scale.py --max-minutes 9 --work
+     /tmp/scale --csv $OUT/scale.csv --rows 'dmd-*,add-sd15-b4,lat-in64,lat-sd15' 2>&1 | tail -n 30")
+  and in a second session the same with --rows 'add-sdxl-*,lat-sdxl' --csv $OUT/scale2.csv; then concatenate
+  the two files (one header) into benchmark/results/scale.csv. Each set is estimated at 8-9 minutes with its
+  build (the estimates are guesses until a first run); a row whose estimate no longer fits --max-minutes is
+  written as 'skipped: time budget' (a row still running at the deadline is stopped: 'timeout'): run those
+  again with --rows NAMES. Rows run in the order of ROWS below.
 """
 import argparse
 import csv
