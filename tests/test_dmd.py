@@ -261,7 +261,8 @@ def test_two_processes_with_torchrun(tiny_teachers, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "pairs")) == [f"shard_0000{k}.pt" for k in range(4)]
-    assert (tmp_path / "generator" / "generator.json").exists() and (tmp_path / "rng_rank1.pt").exists()
+    assert (tmp_path / "generator" / "generator.json").exists()
+    assert len(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["rng"]) == 2   # both ranks' RNG states
 
 
 def _cli(*argv, env=None):
