@@ -1013,7 +1013,7 @@ def train(args, stop=None):
 def main(argv=None):
     args = parse_args(argv)
     with Preemption() as stop:
-        train(args, stop)
+        return train(args, stop)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,8 @@ def parse_args(argv=None):
         p.error("--no-dm and --no-reg together leave nothing to train")
     if args.prompts and not os.path.isfile(args.prompts):
         p.error(f"--prompts {args.prompts}: no such file")
+    if args.prompts:
+        read_prompts(args.prompts)   # before the teacher loads
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is visible")
@@ -430,20 +432,24 @@ def load_text_to_image_teacher(where, args):
 # ----------------------------------------------------------------------------------------------------------
 # Conditioning, the regression pairs (built once with the teacher's ODE), samples and logs
 # ----------------------------------------------------------------------------------------------------------
+def read_prompts(path):
+    """The non-empty lines of a UTF-8 prompts file; a one-line error if it is not text or has none."""
+    try:
+        prompts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--prompts {path}: not a readable UTF-8 text file ({e})")
+    if not prompts:
+        fail(f"--prompts {path} has no prompts")
+    return prompts
+
+
 class Conditions:
     """Draws a batch's conditioning as integer ids (class labels or prompt indices; None if unconditional)
     and turns ids into what the UNet takes (labels or CLIP text embeddings)."""
 
     def __init__(self, tch, args, device):
         self.tch, self.device = tch, device
-        self.prompts = None
-        try:
-            if tch.text:
-                self.prompts = [ln.strip() for ln in open(args.prompts, encoding="utf-8") if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"--prompts {args.prompts}: not a readable UTF-8 text file ({e})")
-        if tch.text and not self.prompts:
-            fail(f"--prompts {args.prompts} has no prompts")
+        self.prompts = read_prompts(args.prompts) if tch.text else None
         self.uncond = self.encode([""]) if tch.text else None
 
     @torch.no_grad()
@@ -943,7 +949,7 @@ def train(args, stop=None):
 def main(argv=None):
     args = parse_args(argv)
     with Preemption() as stop:
-        train(args, stop)
+        return train(args, stop)
 
 
 if __name__ == "__main__":
