@@ -255,13 +255,18 @@ def nonfinite(values, world, device):
 # Copied from dmd.py: Preemption
 class Preemption:
     """Inside `with Preemption() as stop`, SIGTERM and SIGUSR1 (a cluster pre-empting the job, or warning of its
-    time limit) only set stop.signal; the training loop then finishes its step, checkpoints and exits."""
+    time limit) only set stop.signal once the training loop has set stop.armed; the loop then finishes its step,
+    checkpoints and exits. Before that (loading, building regression pairs) they end the process at once."""
 
     def __init__(self):
-        self.signal, self.old = None, {}
+        self.signal, self.old, self.armed = None, {}, False
 
     def catch(self, signum, frame):
         self.signal = signal.Signals(signum).name
+        if not self.armed:
+            print(f"{os.path.basename(__file__)}: {self.signal} before the first training step: stopped "
+                  "(nothing to checkpoint yet)", file=sys.stderr, flush=True)
+            sys.exit(EXIT_PREEMPTED)
 
     def __enter__(self):
         self.old = {s: signal.signal(s, self.catch) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -340,7 +345,7 @@ def train(args, stop=None):
         return step
 
     bar = tqdm(total=args.max_steps, initial=step, desc="teacher", file=sys.stderr)
-    t_start = time.time()
+    t_start, stop.armed = time.time(), True
     while step < args.max_steps:
         t0 = time.time()
         idx = torch.randint(0, len(data), (args.batch_size,)).to(data.device)   # drawn on the CPU generator

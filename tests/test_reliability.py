@@ -155,6 +155,15 @@ def test_sigusr1_checkpoints_and_resume_is_exact_add_and_teacher(tiny_add_world,
     assert all(same_weights(ca[n], cb[n]) for n in (("student", "heads") if script == "add" else ("unet", "ema")))
 
 
+def test_a_signal_before_the_first_step_exits_143_at_once(capsys):
+    """Loading or building regression pairs: nothing to checkpoint, so the signal ends the process right away."""
+    with pytest.raises(SystemExit) as e, dmd.Preemption():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)   # the handler runs first
+    assert e.value.code == 143 and "SIGTERM before the first training step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 # ---------------------------------------------------------------- 4. safe loading
 def test_every_torch_load_in_the_project_passes_weights_only_true():
     calls = []
