@@ -190,8 +190,9 @@ CLASSIFIERS = {d: os.path.join(ROOT, "benchmark", "models", f"classifier-{d}.saf
 
 
 class DomainNet(torch.nn.Module):
-    """28 x 28 grey images -> 10 logits; `features` is the 128-d penultimate layer (global average pool).
-    Three stages of 3 x 3 convolutions (BN, ReLU), each halving the resolution but the last: 28 -> 14 -> 7."""
+    """28 x 28 grey images -> 10 logits; `features` is the 128-d penultimate layer. 3 x 3 convolutions (BN, ReLU)
+    at 28, 14 and 7 pixels, a strided one to 4 x 4 x 128, then a linear layer to 128 (ReLU): it keeps where things
+    are (a global pool lost that: 90.5% test accuracy against 92% wanted). 0.4M parameters."""
 
     def __init__(self, n_classes=10):
         super().__init__()
@@ -199,8 +200,9 @@ class DomainNet(torch.nn.Module):
         def conv(i, o, stride=1):
             return [torch.nn.Conv2d(i, o, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
         self.body = torch.nn.Sequential(*conv(1, 32), *conv(32, 32, 2), *conv(32, 64), *conv(64, 64, 2),
-                                        *conv(64, 128), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        self.head = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(128, n_classes))
+                                        *conv(64, 128, 2), torch.nn.Flatten(), torch.nn.Linear(2048, 128),
+                                        torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Linear(128, n_classes))
 
     def features(self, x):
         return self.body(x)
@@ -293,7 +295,8 @@ def domain_metrics(net, images, ref_images, labels=None):
     labels), of uint8 samples against uint8 reference images, in the classifier's feature space."""
     f_fake, pred = domain_features(net, images)
     f_real, _ = domain_features(net, ref_images)
-    fd = frechet_distance(f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False))
+    fd = max(0.0, frechet_distance(f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0),
+                                   np.cov(f_real, rowvar=False)))   # >= 0; round-off gave -1e-16 for A vs A
     p, r = precision_recall(f_real, f_fake)
     out = dict(fd=fd, precision=p, recall=r)
     if labels is not None:
@@ -486,7 +489,7 @@ def parse_args(argv=None):
     tc = sub.add_parser("train-classifier", help="train the domain classifier (seeded) and save its weights")
     tc.add_argument("--dataset", choices=list(CLASSIFIERS), default="fashion-mnist", help="what it learns")
     tc.add_argument("--epochs", type=int, default=None, help="passes over the training split (default: "
-                    "fashion-mnist 6, mnist 30)")
+                    "fashion-mnist 10, mnist 30)")
     tc.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches and augmentation")
     tc.add_argument("--out", default=None, help="weights file (default: benchmark/models/classifier-DATASET."
                     "safetensors)")
@@ -598,7 +601,7 @@ def main(argv=None):
             print(f"SPREAD {m['spread']:.5f} (within-class mean squared pixel distance)")
         print(domain_line(m, dataset))
     elif args.cmd == "train-classifier":
-        epochs = args.epochs or (6 if args.dataset == "fashion-mnist" else 30)
+        epochs = args.epochs or (10 if args.dataset == "fashion-mnist" else 30)
         x, y, xt, yt = classifier_data(args.dataset, args.seed)
         net = train_classifier(x, y, epochs, args.seed, flip=args.dataset == "fashion-mnist")
         out = args.out or CLASSIFIERS[args.dataset]
