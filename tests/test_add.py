@@ -210,7 +210,9 @@ def test_bare_sdxl_command_fails_only_on_the_unreachable_hub(tmp_path, capsys, m
 
 @pytest.mark.parametrize("extra", [["--loss", "adv"], ["--loss", "distill"], ["--disc-cond", "none"],
                                    ["--disc-cond", "text", "--distill-weighting", "sds"],
-                                   ["--disc-cond", "img", "--student-init", "random"]])
+                                   ["--disc-cond", "img", "--student-init", "random"],
+                                   ["--disc-heads", "simple", "--diffaug", "none", "--img-cond-at-noise", "keep"],
+                                   ["--disc-backbone", "teacher", "--diffaug", "translation"]])
 def test_ablation_flags_run(tiny_add_world, tmp_path, extra):
     h = run_add(tiny_add_world, tmp_path, "pix", "cls", "--max-steps", "1", *extra)
     if "adv" in extra:
@@ -254,7 +256,8 @@ def test_helpers_copied_from_dmd_are_identical(path, least):
         assert ours[n] == theirs[n], f"{path}'s copy of {n} differs from dmd.py"
 
 
-@pytest.mark.parametrize("case", ["no_teacher", "no_data", "timesteps", "nfsd_class", "batch", "pixel_no_data"])
+@pytest.mark.parametrize("case", ["no_teacher", "no_data", "timesteps", "nfsd_class", "batch", "pixel_no_data",
+                                  "diffaug"])
 def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
     w = tiny_add_world
     argv, msg = {"no_teacher": (["--teacher", str(tmp_path), "--data", w["cls"]], "no diffusers model"),
@@ -265,7 +268,9 @@ def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
                                 "needs a text-to-image teacher"),
                  "batch": (["--teacher", w["pix"], "--data", w["cls"], "--batch-size", "6", "--micro-batch", "4"],
                            "not a multiple"),
-                 "pixel_no_data": (["--teacher", w["pix"]], "a pixel teacher needs --data")}[case]
+                 "pixel_no_data": (["--teacher", w["pix"]], "a pixel teacher needs --data"),
+                 "diffaug": (["--teacher", w["pix"], "--data", w["cls"], "--diffaug", "color,flip"],
+                             "--diffaug: unknown policy 'flip'")}[case]
     with pytest.raises(SystemExit) as e:
         add.main([*argv, "--disc-backbone", w["dino"], "--device", "cpu", "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
