@@ -590,8 +590,9 @@ class FeatureNetwork(nn.Module):
 
 
 class Head(nn.Module):
-    """A lightweight head D_k on one layer's tokens (B, N, D) -> logits (B, N): 1D convolutions over tokens
-    (kernel 1, then a residual kernel-9 block) and projection conditioning <P c, h> on c = [c_text, c_img]."""
+    """--disc-heads simple (before issue 15): a head D_k on one layer's tokens (B, N, D) -> logits (B, N): plain 1D
+    convolutions over tokens (kernel 1, then a residual kernel-9 block), no normalisation, an unconditional logit
+    plus projection conditioning <P c, h> on c = [c_text, c_img]."""
 
     def __init__(self, dim, cond_dim, hidden=128, cmap=64):
         super().__init__()
@@ -1181,7 +1182,7 @@ def train(args, stop=None):
                 batch, raw = data.batch(m)
                 batch, cond = batch.to(device), conditioning(raw)
                 with torch.no_grad():
-                    x0, img0 = (batch, tch.decode(batch).clamp(-1, 1)) if data.latent else \
+                    x0, img0 = (batch, None if on_teacher else tch.decode(batch).clamp(-1, 1)) if data.latent else \
                         (tch.encode_images(batch), batch)
                     real = x0 if on_teacher else img0
                     c_img = feat(real, cond, torch.zeros(m, dtype=torch.long, device=device))[1] \
@@ -1190,10 +1191,10 @@ def train(args, stop=None):
                 x_s = add_noise(x0, torch.randn_like(x0), tch.zt_alpha[s].view(-1, 1, 1, 1),
                                 tch.zt_sigma[s].view(-1, 1, 1, 1))
                 x_hat = tch.x0(run_student, x_s, s, cond, res)
-                img_hat = tch.decode(x_hat)
+                img_hat = tch.decode(x_hat) if use_distill or not on_teacher else None   # pixels, with gradients
                 keep_img = s != ts[0] if args.img_cond_at_noise == "drop" else None   # no c_img at pure noise
                 c = disc_condition(args.disc_cond, tch.c_text(cond), c_img, keep_img)
-                loss = img_hat.new_zeros((), dtype=torch.float32)
+                loss = x_hat.new_zeros((), dtype=torch.float32)
                 if use_adv:
                     # 2. adversarial loss (Eq. 2) through the frozen feature network
                     loss_adv = adversarial_generator_loss(disc(features(x_hat if on_teacher else img_hat, cond), c))

@@ -413,8 +413,9 @@ def test_teacher_backbone_gradients_reach_the_student_output_not_the_teacher(tin
     assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in tch.unet.parameters())
     assert not tch.unet._forward_hooks and not any(b._forward_hooks for b in feat.blocks)   # hooks removed
-    # a latent teacher trains with it (no decoding for the discriminator), and --resume knows the heads changed
-    h = run_add(tiny_add_world, tmp_path / "sd", "sd", "caps", "--max-steps", "1", "--disc-backbone", "teacher")
+    # a latent teacher trains with it; with --loss adv nothing is decoded by the VAE
+    h = run_add(tiny_add_world, tmp_path / "sd", "sd", "caps", "--max-steps", "1", "--disc-backbone", "teacher",
+                "--loss", "adv")
     assert h[0]["loss_disc"] > 0 and h[0]["r1"] > 0 and math.isfinite(h[0]["loss_adv"])
 
 
