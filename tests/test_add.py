@@ -210,7 +210,9 @@ def test_bare_sdxl_command_fails_only_on_the_unreachable_hub(tmp_path, capsys, m
 
 @pytest.mark.parametrize("extra", [["--loss", "adv"], ["--loss", "distill"], ["--disc-cond", "none"],
                                    ["--disc-cond", "text", "--distill-weighting", "sds"],
-                                   ["--disc-cond", "img", "--student-init", "random"]])
+                                   ["--disc-cond", "img", "--student-init", "random"],
+                                   ["--disc-heads", "simple", "--diffaug", "none", "--img-cond-at-noise", "keep"],
+                                   ["--disc-backbone", "teacher", "--diffaug", "translation"]])
 def test_ablation_flags_run(tiny_add_world, tmp_path, extra):
     h = run_add(tiny_add_world, tmp_path, "pix", "cls", "--max-steps", "1", *extra)
     if "adv" in extra:
@@ -254,7 +256,8 @@ def test_helpers_copied_from_dmd_are_identical(path, least):
         assert ours[n] == theirs[n], f"{path}'s copy of {n} differs from dmd.py"
 
 
-@pytest.mark.parametrize("case", ["no_teacher", "no_data", "timesteps", "nfsd_class", "batch", "pixel_no_data"])
+@pytest.mark.parametrize("case", ["no_teacher", "no_data", "timesteps", "nfsd_class", "batch", "pixel_no_data",
+                                  "diffaug"])
 def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
     w = tiny_add_world
     argv, msg = {"no_teacher": (["--teacher", str(tmp_path), "--data", w["cls"]], "no diffusers model"),
@@ -265,7 +268,9 @@ def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
                                 "needs a text-to-image teacher"),
                  "batch": (["--teacher", w["pix"], "--data", w["cls"], "--batch-size", "6", "--micro-batch", "4"],
                            "not a multiple"),
-                 "pixel_no_data": (["--teacher", w["pix"]], "a pixel teacher needs --data")}[case]
+                 "pixel_no_data": (["--teacher", w["pix"]], "a pixel teacher needs --data"),
+                 "diffaug": (["--teacher", w["pix"], "--data", w["cls"], "--diffaug", "color,flip"],
+                             "--diffaug: unknown policy 'flip'")}[case]
     with pytest.raises(SystemExit) as e:
         add.main([*argv, "--disc-backbone", w["dino"], "--device", "cpu", "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -321,3 +326,109 @@ def test_stock_diffusers_pipeline_runs_the_exported_student(tiny_add_world, tmp_
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     img = pipe("a cat", num_inference_steps=1, guidance_scale=0.0, height=16, width=16, output_type="pt").images
     assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
+
+
+# ---- issue 15: StyleGAN-T heads, DiffAugment, c_img at pure noise, the teacher (LADD) backbone ----
+def test_diffaugment_is_differentiable_and_draws_per_sample():
+    policy = ["color", "translation", "cutout"]
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64).expand(6, -1, -1, -1) * 2 - 1   # six copies of one image
+    torch.manual_seed(0)
+    y = add.diff_augment(x, policy)
+    assert y.shape == x.shape and len({tuple(r.flatten().tolist()) for r in y}) == 6    # each sample its own draw
+    assert (y == 0).flatten(1).sum(1).min() >= 8 * 8                                    # cutout: a zero square
+    # gradcheck with the same draws each call: the transform is differentiable and autograd's gradient is right
+    fixed = lambda z: (torch.manual_seed(1), add.diff_augment(z, policy))[1]  # noqa: E731
+    assert torch.autograd.gradcheck(fixed, (torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True),),
+                                    fast_mode=True)
+    torch.manual_seed(2)
+    a = add.diff_augment(x, policy)
+    torch.manual_seed(2)
+    assert torch.equal(a, add.diff_augment(x, policy)) and add.diff_augment(x, []) is x   # the torch RNG decides
+
+
+def test_stylegan_t_heads_are_spectrally_normalised():
+    torch.manual_seed(0)
+    head = add.StyleGANTHead(24, cond_dim=10)
+    for _ in range(40):                      # training forwards: one power iteration each (15 at construction)
+        head(torch.randn(4, 20, 24), torch.randn(4, 10))
+    head.eval()
+    convs = [head.inp, head.res, head.out]
+    assert all(torch.nn.utils.parametrize.is_parametrized(c, "weight") for c in convs)
+    for conv in convs:
+        sv = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2).item()   # largest singular value
+        assert sv == pytest.approx(1.0, abs=0.01), sv
+    assert head(torch.randn(4, 20, 24), torch.randn(4, 10)).shape == (4, 20)
+
+
+def test_local_batch_norm_uses_statistics_of_groups_of_samples():
+    torch.manual_seed(0)
+    bn = add.LocalBatchNorm(5, group=4)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(5) + 0.5)
+        bn.bias.copy_(torch.randn(5))
+    x = torch.randn(8, 5, 7) * 3 + 1
+    want = torch.empty_like(x)
+    for g in range(2):                     # samples 0-3 and 4-7, separately, per channel over samples and tokens
+        xs = x[4 * g:4 * g + 4]
+        for ch in range(5):
+            v = xs[:, ch]
+            want[4 * g:4 * g + 4, ch] = (v - v.mean()) / (v.var(unbiased=False) + 1e-5).sqrt() * bn.weight[ch] \
+                + bn.bias[ch]
+    torch.testing.assert_close(bn(x), want, rtol=1e-5, atol=1e-5)
+    # a group is unaffected by the other group's samples; not the whole batch's statistics
+    y = x.clone()
+    y[4:] *= 10
+    torch.testing.assert_close(bn(y)[:4], want[:4], rtol=1e-5, atol=1e-5)
+    assert bn(torch.randn(6, 5, 7)).shape == (6, 5, 7)           # 6 = groups of 3 (largest divisor <= 4)
+
+
+def test_img_condition_is_dropped_at_the_pure_noise_step(tiny_add_world, tmp_path, monkeypatch):
+    c_text, c_img = torch.randn(4, 3), torch.randn(4, 5)
+    keep = torch.tensor([True, False, True, False])
+    c = add.disc_condition("both", c_text, c_img, keep)
+    assert torch.equal(c[:, :3], c_text) and torch.equal(c[:, 3:], c_img * keep[:, None])
+    # in training: spy on the heads' conditioning input; with only s = 999, c_img is zero under drop, not under keep
+    seen = []
+    forward = add.StyleGANTHead.forward
+    monkeypatch.setattr(add.StyleGANTHead, "forward",
+                        lambda self, f, c: (seen.append(c.detach()), forward(self, f, c))[1])
+    for rule in ("drop", "keep"):
+        seen.clear()
+        run_add(tiny_add_world, tmp_path / rule, "pix", "cls", "--max-steps", "1", "--student-timesteps", "999",
+                "--img-cond-at-noise", rule, "--disc-cond", "img")
+        assert seen and all((c == 0).all() for c in seen) == (rule == "drop")
+
+
+def test_teacher_backbone_gradients_reach_the_student_output_not_the_teacher(tiny_add_world, tmp_path):
+    args = add.parse_args(["--teacher", tiny_add_world["pix"], "--data", "x"])
+    tch = add.load_teacher(args, torch.device("cpu"))
+    feat = add.TeacherFeatures(tch, args.resolution)
+    disc = add.Discriminator(feat, cond_dim=0)
+    x_hat = torch.randn(4, 1, 8, 8, requires_grad=True)
+    torch.manual_seed(0)
+    tokens, emb = feat(add.diff_augment(x_hat, ["translation", "cutout"]), {"labels": torch.tensor([0, 1, 2, 0])})
+    assert [tk.shape[-1] for tk in tokens] == feat.dims == [16, 32, 32] and emb.shape == (4, 32)
+    assert [tk.shape[1] for tk in tokens] == [4 * 4] * 3       # 8 x 8 -> 4 x 4 (the last down block keeps its size)
+    add.adversarial_generator_loss(disc(tokens, None)).backward()
+    assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in tch.unet.parameters())
+    assert not tch.unet._forward_hooks and not any(b._forward_hooks for b in feat.blocks)   # hooks removed
+    # a latent teacher trains with it; with --loss adv nothing is decoded by the VAE
+    h = run_add(tiny_add_world, tmp_path / "sd", "sd", "caps", "--max-steps", "1", "--disc-backbone", "teacher",
+                "--loss", "adv")
+    assert h[0]["loss_disc"] > 0 and h[0]["r1"] > 0 and math.isfinite(h[0]["loss_adv"])
+
+
+def test_r1_acts_on_each_heads_input_through_augmentation_and_local_batch_norm():
+    torch.manual_seed(0)
+    heads = add.Discriminator(SimpleNamespace(dims=[6, 4]), cond_dim=3).heads
+    tokens = add.diff_augment(torch.rand(4, 3, 8, 8) * 2 - 1, ["color", "translation", "cutout"]).flatten(2)
+    f_real = [(tokens.transpose(1, 2) @ torch.randn(3, d)).requires_grad_(True) for d in (6, 4)]   # F_k(x_0)
+    c = torch.randn(4, 3)
+    logits = [h(f, c) for h, f in zip(heads, f_real)]
+    r1 = add.r1_penalty(logits, f_real)
+    want = sum(torch.autograd.grad(lg.sum(), f, retain_graph=True)[0].pow(2).flatten(1).sum(1).mean()
+               for lg, f in zip(logits, f_real))
+    torch.testing.assert_close(r1, want)
+    r1.backward()                                               # the penalty trains every head (double backward)
+    assert all(h.inp.parametrizations.weight.original.grad.abs().sum() > 0 for h in heads)

@@ -185,3 +185,21 @@ def test_cli_bad_input_is_one_line_exit_2(argv, msg):
     r = subprocess.run([sys.executable, "toy2d.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_add_row_drops_c_img_at_pure_noise_and_normalises_its_head():
+    """Issue 15: the ADD row's discriminator gets no c_img where the student's input was pure noise (s = T), and its
+    layers on x are spectrally normalised (largest singular value ~ 1)."""
+    x0, s = torch.randn(4, 2), torch.tensor([toy2d.T, 250, toy2d.T, 750])
+    c = toy2d.img_condition(x0, s, "drop")
+    assert (c[[0, 2]] == 0).all() and torch.equal(c[[1, 3]], x0[[1, 3]])
+    assert torch.equal(toy2d.img_condition(x0, s, "keep"), x0)
+    torch.manual_seed(0)
+    disc = toy2d.Discriminator(16)
+    for _ in range(30):
+        disc(torch.randn(8, 2), torch.randn(8, 2))
+    disc.eval()
+    for layer in [disc.trunk[0], disc.trunk[2], disc.trunk[4], disc.out]:
+        assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item() == pytest.approx(1.0, abs=0.01)
+    plain = toy2d.Discriminator(16, spectral_norm=False)
+    assert not torch.nn.utils.parametrize.is_parametrized(plain.out)
