@@ -392,16 +392,14 @@ def load_teacher(args, device):
         if args.teacher == "sd15" or (local and os.path.exists(os.path.join(where, "model_index.json"))):
             tch = load_text_to_image_teacher(where, args)
         else:
-            spec = {}
-            if local and os.path.exists(os.path.join(where, "teacher.json")):
-                spec = json.load(open(os.path.join(where, "teacher.json")))
+            spec = read_teacher_json(where) if local and os.path.exists(os.path.join(where, "teacher.json")) else {}
             sub = "unet" if local and os.path.isdir(os.path.join(where, "unet")) else None
             unet = _from_pretrained(UNet2DModel, where, **({"subfolder": sub} if sub else {}))
             n_cls = unet.config.num_class_embeds or 0
-            if spec.get("formulation") == "edm":
-                sig = karras_sigmas(spec.get("T", 1000), spec.get("sigma_min", 0.002), spec.get("sigma_max", 80.0))
-                tch = Teacher(unet, "edm", sig.log(), sigma_data=spec.get("sigma_data", 0.5),
-                              noise_cond_scale=spec.get("noise_cond_scale", 1000.0), num_classes=n_cls, source=where)
+            if spec:
+                sig = karras_sigmas(spec.get("T", 1000), spec["sigma_min"], spec["sigma_max"])
+                tch = Teacher(unet, "edm", sig.log(), sigma_data=spec["sigma_data"],
+                              noise_cond_scale=spec["noise_cond_scale"], num_classes=n_cls, source=where)
             else:
                 ssub = "scheduler" if local and os.path.isdir(os.path.join(where, "scheduler")) else None
                 sched = _from_pretrained(DDPMScheduler, where, **({"subfolder": ssub} if ssub else {}))
@@ -415,6 +413,26 @@ def load_teacher(args, device):
         if m is not None:
             m.requires_grad_(False).eval().to(device)
     return tch
+
+
+def read_teacher_json(where):
+    """PATH/teacher.json of an EDM teacher: formulation "edm", sigma_min, sigma_max, sigma_data and noise_cond_scale,
+    all required (a missing one is a one-line error naming it, not a default); optional T, the number of Karras
+    bins (1000)."""
+    path = os.path.join(where, "teacher.json")
+    try:
+        spec = json.load(open(path))
+    except (OSError, ValueError) as e:
+        fail(f"--teacher {where}: teacher.json is not readable JSON ({e})")
+    missing = [k for k in ("formulation", "sigma_min", "sigma_max", "sigma_data", "noise_cond_scale")
+               if not isinstance(spec, dict) or k not in spec]
+    if missing:
+        fail(f"--teacher {where}: teacher.json lacks {', '.join(missing)} (e.g. {{\"formulation\": \"edm\", "
+             '"sigma_min": 0.002, "sigma_max": 80, "sigma_data": 0.5, "noise_cond_scale": 1000})')
+    if spec["formulation"] != "edm":
+        fail(f"--teacher {where}: teacher.json formulation {spec['formulation']!r}: only 'edm' (a DDPM teacher "
+             "ships a scheduler/ config instead)")
+    return spec
 
 
 def load_text_to_image_teacher(where, args):

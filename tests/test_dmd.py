@@ -224,6 +224,19 @@ def test_resume_continues_exactly(tiny_teachers, tmp_path):
     assert other != straight
 
 
+def test_teacher_json_missing_field_is_one_line_exit_2(tiny_teachers, tmp_path, capsys):
+    """A teacher.json without noise_cond_scale is an error naming it, not a silent 1000."""
+    import shutil
+    shutil.copytree(tiny_teachers["edm_uncond"], tmp_path / "t")
+    (tmp_path / "t" / "teacher.json").write_text(json.dumps({"formulation": "edm", "sigma_min": 0.002,
+                                                             "sigma_max": 80.0, "sigma_data": 0.5}))
+    with pytest.raises(SystemExit) as e:
+        dmd.main(["--teacher", str(tmp_path / "t"), "--device", "cpu", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "teacher.json lacks noise_cond_scale" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_time_limit_stops_checkpoints_and_exports_and_max_steps_0_only_builds_pairs(tiny_teachers, tmp_path):
     """--max-minutes ends the run after the step in which the time ran out, like a finished one: log row,
     checkpoint and export at that step; a resume then continues. --max-steps 0 builds the pairs and stops."""
