@@ -556,11 +556,12 @@ def autocast(args):
     return contextlib.nullcontext()
 
 
-def to_images(tch, x):
-    """Model space -> images in [-1, 1] (decodes latents with the VAE)."""
+def to_images(tch, x, clamp=True):
+    """Model space -> images in [-1, 1] (decodes latents with the VAE); clamp=False keeps values outside [-1, 1]
+    and so the gradient there (what LPIPS sees in the regression loss)."""
     if tch.text:
         x = tch.vae.decode(x / tch.vae.config.scaling_factor).sample
-    return x.float().clamp(-1, 1)
+    return x.float().clamp(-1, 1) if clamp else x.float()
 
 
 def save_grid(tch, x, path):
@@ -899,9 +900,10 @@ def train(args, stop=None):
                     loss = loss + loss_dm
                     sums["loss_dm"] += loss_dm.item() / accum
                 if shards is not None:
-                    # 3. regression on the paired set (Eq. 9)
+                    # 3. regression on the paired set (Eq. 9); LPIPS on unclamped images (clamping stops gradients)
                     if lpips_fn is not None:
-                        loss_reg = regression_loss(to_images(tch, x_ref), to_images(tch, y_ref), "lpips", lpips_fn)
+                        x_img, y_img = (to_images(tch, v, clamp=False) for v in (x_ref, y_ref))
+                        loss_reg = regression_loss(x_img, y_img, "lpips", lpips_fn)
                     else:
                         loss_reg = regression_loss(x_ref, y_ref, args.reg_loss)
                     loss = loss + lam * loss_reg

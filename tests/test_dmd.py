@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dmd
 
@@ -145,6 +146,39 @@ def test_distribution_matching_gradient_between_two_gaussians():
     # Table 2 alternatives: w_t = sigma / alpha and sigma^3 / alpha
     torch.testing.assert_close(dmd.dmd_weight(x, mu_r, al, sg, "sigma_over_alpha"), sg / al)
     torch.testing.assert_close(dmd.dmd_weight(x, mu_r, al, sg, "sigma3_over_alpha"), sg ** 3 / al)
+
+
+class StandInLPIPS(torch.nn.Module):
+    """LPIPS's shape without its download: a fixed random conv, ReLU, squared feature distance per image."""
+
+    def __init__(self, *a, **k):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, u, v):
+        return (F.relu(self.conv(u)) - F.relu(self.conv(v))).pow(2).mean((1, 2, 3))
+
+
+def test_lpips_gradient_reaches_pixels_outside_minus_one_one(tiny_teachers, tmp_path, monkeypatch):
+    """The regression loss sees the generator's output unclamped (to_images(clamp=False)): the gradient reaches
+    pixels outside [-1, 1]; and train() passes LPIPS the unclamped G(z_ref) (no clamp in its autograd graph)."""
+    import lpips
+    torch.manual_seed(0)
+    tch = dmd.Teacher(torch.nn.Identity(), "edm", dmd.karras_sigmas(10).log())
+    g = (torch.randn(2, 1, 8, 8) * 2).requires_grad_(True)
+    outside = g.detach().abs() > 1
+    y = torch.zeros(2, 1, 8, 8)
+    fn = StandInLPIPS()
+    loss = dmd.regression_loss(dmd.to_images(tch, g, clamp=False), dmd.to_images(tch, y, clamp=False), "lpips", fn)
+    (grad,) = torch.autograd.grad(loss, g)
+    assert outside.any() and (grad[outside] != 0).all()
+    (grad,) = torch.autograd.grad(dmd.regression_loss(dmd.to_images(tch, g), y, "lpips", fn), g)
+    assert (grad[outside] == 0).all()   # what clamping did; sample grids still clamp
+    seen, reg = [], dmd.regression_loss
+    monkeypatch.setattr(lpips, "LPIPS", StandInLPIPS)
+    monkeypatch.setattr(dmd, "regression_loss", lambda a, b, kind, f=None: seen.append(a.grad_fn) or reg(a, b, kind, f))
+    run_dmd(tmp_path, tiny_teachers["edm_uncond"], "--reg-loss", "lpips", "--no-dm", "--max-steps", "1")
+    assert seen and all("Clamp" not in type(f).__name__ for f in seen), seen
 
 
 def test_regression_losses():
