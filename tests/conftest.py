@@ -56,7 +56,8 @@ def tiny_teachers(tmp_path_factory):
     tiny_unet2d(3, num_classes=10).save_pretrained(root / "vp_class" / "unet")
     DDPMScheduler().save_pretrained(root / "vp_class" / "scheduler")
     tiny_unet2d(1).save_pretrained(root / "edm_uncond")
-    (root / "edm_uncond" / "teacher.json").write_text(json.dumps({"formulation": "edm"}))
+    (root / "edm_uncond" / "teacher.json").write_text(json.dumps(
+        {"formulation": "edm", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "noise_cond_scale": 1000.0}))
     sd = root / "sd"
     n_vocab = write_tiny_tokenizer(sd / "tokenizer")
     tiny_text_encoder(n_vocab).save_pretrained(sd / "text_encoder")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dmd
 
@@ -147,6 +148,69 @@ def test_distribution_matching_gradient_between_two_gaussians():
     torch.testing.assert_close(dmd.dmd_weight(x, mu_r, al, sg, "sigma3_over_alpha"), sg ** 3 / al)
 
 
+@pytest.mark.parametrize("target", ["edm", "epsilon", "v_prediction", "sample"])
+def test_denoising_weight_turns_the_x0_error_into_the_teachers_own_mse(target):
+    """DMD Sec. 3.2: lambda_t ||mu(x_t, t) - x||^2 equals the MSE of the teacher's own parametrisation (EDM's
+    F-target, eps, v, x0) for a network that outputs random tensors, converted to mu by Teacher.mu."""
+    torch.manual_seed(0)
+    x, eps, out = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 17, 500, 990])
+
+    class Net(torch.nn.Module):
+        def forward(self, x_in, t, **kw):
+            return SimpleNamespace(sample=out)
+
+    if target == "edm":
+        tch = dmd.Teacher(Net(), "edm", dmd.karras_sigmas(1000).log(), sigma_data=0.5)
+    else:
+        abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+        tch = dmd.Teacher(Net(), "vp", ((1 - abar) / abar).sqrt().log(), prediction_type=target)
+    a, s = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
+    x_t = dmd.add_noise(x, eps, a, s)
+    if target == "edm":   # Karras et al. Eq. 8: F's target (x - c_skip x_t) / c_out
+        c_skip, c_out, _, _ = dmd.edm_precond(s)
+        own = (out - (x - c_skip * x_t) / c_out) ** 2
+    else:
+        own = (out - {"epsilon": eps, "v_prediction": a * eps - s * x, "sample": x}[target]) ** 2
+    mu = tch.mu(tch.unet, x_t, t, None)
+    w = dmd.denoising_weight(a, s, target, 0.5)
+    torch.testing.assert_close(dmd.denoising_loss(mu, x, w), own.mean(), rtol=1e-4, atol=0)
+    assert dmd.denoising_loss(mu, x, dmd.denoising_weight(a, s, "x0")) == dmd.denoising_loss(mu, x)
+
+
+class StandInLPIPS(torch.nn.Module):
+    """LPIPS's shape without its download: a fixed random conv, ReLU, squared feature distance per image."""
+
+    def __init__(self, *a, **k):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, u, v):
+        return (F.relu(self.conv(u)) - F.relu(self.conv(v))).pow(2).mean((1, 2, 3))
+
+
+def test_lpips_gradient_reaches_pixels_outside_minus_one_one(tiny_teachers, tmp_path, monkeypatch):
+    """The regression loss sees the generator's output unclamped (to_images(clamp=False)): the gradient reaches
+    pixels outside [-1, 1]; and train() passes LPIPS the unclamped G(z_ref) (no clamp in its autograd graph)."""
+    import lpips
+    torch.manual_seed(0)
+    tch = dmd.Teacher(torch.nn.Identity(), "edm", dmd.karras_sigmas(10).log())
+    g = (torch.randn(2, 1, 8, 8) * 2).requires_grad_(True)
+    outside = g.detach().abs() > 1
+    y = torch.zeros(2, 1, 8, 8)
+    fn = StandInLPIPS()
+    loss = dmd.regression_loss(dmd.to_images(tch, g, clamp=False), dmd.to_images(tch, y, clamp=False), "lpips", fn)
+    (grad,) = torch.autograd.grad(loss, g)
+    assert outside.any() and (grad[outside] != 0).all()
+    (grad,) = torch.autograd.grad(dmd.regression_loss(dmd.to_images(tch, g), y, "lpips", fn), g)
+    assert (grad[outside] == 0).all()   # what clamping did; sample grids still clamp
+    seen, reg = [], dmd.regression_loss
+    monkeypatch.setattr(lpips, "LPIPS", StandInLPIPS)
+    monkeypatch.setattr(dmd, "regression_loss", lambda a, b, kind, f=None: seen.append(a.grad_fn) or reg(a, b, kind, f))
+    run_dmd(tmp_path, tiny_teachers["edm_uncond"], "--reg-loss", "lpips", "--no-dm", "--max-steps", "1")
+    assert seen and all("Clamp" not in type(f).__name__ for f in seen), seen
+
+
 def test_regression_losses():
     a, b = torch.zeros(2, 1, 4, 4), torch.full((2, 1, 4, 4), 2.0)
     assert dmd.regression_loss(a, b, "l2").item() == 4.0
@@ -208,7 +272,7 @@ def test_ablation_flags_run(tiny_teachers, tmp_path):
 
 def test_resume_continues_exactly(tiny_teachers, tmp_path):
     """4 steps straight == 2 steps, stop, --resume, 2 more steps: same losses, same weights (both networks)."""
-    common = ["--ema", "0.9", "--lr-fake", "1e-3"]
+    common = ["--ema", "0.9", "--lr-fake", "1e-3", "--fake-updates", "2"]   # updates 2.. draw fresh samples
     straight = run_dmd(tmp_path / "a", tiny_teachers["vp_class"], "--max-steps", "4", *common)
     run_dmd(tmp_path / "b", tiny_teachers["vp_class"], "--max-steps", "2", *common)
     resumed = run_dmd(tmp_path / "b", tiny_teachers["vp_class"], "--max-steps", "4", "--resume", *common)
@@ -222,6 +286,39 @@ def test_resume_continues_exactly(tiny_teachers, tmp_path):
     # and a one-step run differs (the comparison can fail)
     other = run_dmd(tmp_path / "c", tiny_teachers["vp_class"], "--max-steps", "4", "--seed", "1", *common)
     assert other != straight
+
+
+@pytest.mark.parametrize("kind", ["sd", "vp_class"])
+def test_text_teacher_distribution_matching_batch_includes_g_of_z_ref(tiny_teachers, tmp_path, monkeypatch, kind):
+    """DMD Algorithm 1 line 7: for text-to-image, x = concat(G(z), G(z_ref)) feeds the DM loss and the fake-score
+    update (micro-batch 2 -> 4); other teachers use G(z) alone (2)."""
+    sizes, dm, dn = {"dm": [], "fake": []}, dmd.distribution_matching_loss, dmd.denoising_loss
+    monkeypatch.setattr(dmd, "distribution_matching_loss", lambda x, g: sizes["dm"].append(len(x)) or dm(x, g))
+    monkeypatch.setattr(dmd, "denoising_loss", lambda mu, x, w=None: sizes["fake"].append(len(x)) or dn(mu, x, w))
+    run_dmd(tmp_path, tiny_teachers[kind], "--max-steps", "1", *(["--resolution", "16"] if kind == "sd" else []))
+    n = 4 if kind == "sd" else 2
+    assert sizes == {"dm": [n, n], "fake": [n, n]}   # batch 4 = 2 micro-batches of 2
+
+
+def test_fake_updates_makes_n_fake_score_steps_per_generator_step(tiny_teachers, tmp_path):
+    """--fake-updates 3 (DMD2's two-time-scale rule): 2 generator steps, 6 fake-score optimiser steps."""
+    run_dmd(tmp_path, tiny_teachers["vp_class"], "--fake-updates", "3", "--no-reg")
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert [s["last_epoch"] for s in ck["scheds"]] == [2, 6]
+    assert [o["state"][0]["step"].item() for o in ck["opts"]] == [2, 6]
+
+
+def test_teacher_json_missing_field_is_one_line_exit_2(tiny_teachers, tmp_path, capsys):
+    """A teacher.json without noise_cond_scale is an error naming it, not a silent 1000."""
+    import shutil
+    shutil.copytree(tiny_teachers["edm_uncond"], tmp_path / "t")
+    (tmp_path / "t" / "teacher.json").write_text(json.dumps({"formulation": "edm", "sigma_min": 0.002,
+                                                             "sigma_max": 80.0, "sigma_data": 0.5}))
+    with pytest.raises(SystemExit) as e:
+        dmd.main(["--teacher", str(tmp_path / "t"), "--device", "cpu", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "teacher.json lacks noise_cond_scale" in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_time_limit_stops_checkpoints_and_exports_and_max_steps_0_only_builds_pairs(tiny_teachers, tmp_path):

