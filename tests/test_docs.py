@@ -44,3 +44,10 @@ def test_link_checker_catches_a_broken_link(tmp_path):
         ["missing.png", "README.md#nowhere"]
     assert slug("Deviations in detail") == "deviations-in-detail"
     assert slug("`toy2d.py`: DMD Figure 3") == "toy2dpy-dmd-figure-3"
+
+
+def test_the_readme_file_table_gives_each_file_its_length():
+    rows = re.findall(r"^\| \[`([^`]+\.py)`\]\([^)]+\) \|.*\| (\d+) \|$", (ROOT / "README.md").read_text(), flags=re.M)
+    assert len(rows) >= 7
+    for path, n in rows:
+        assert len((ROOT / path).read_text().splitlines()) == int(n), f"README: {path} is not {n} lines long"
