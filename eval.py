@@ -489,7 +489,7 @@ def parse_args(argv=None):
     tc = sub.add_parser("train-classifier", help="train the domain classifier (seeded) and save its weights")
     tc.add_argument("--dataset", choices=list(CLASSIFIERS), default="fashion-mnist", help="what it learns")
     tc.add_argument("--epochs", type=int, default=None, help="passes over the training split (default: "
-                    "fashion-mnist 10, mnist 30)")
+                    "fashion-mnist 10, mnist 60)")
     tc.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches and augmentation")
     tc.add_argument("--out", default=None, help="weights file (default: benchmark/models/classifier-DATASET."
                     "safetensors)")
@@ -601,7 +601,7 @@ def main(argv=None):
             print(f"SPREAD {m['spread']:.5f} (within-class mean squared pixel distance)")
         print(domain_line(m, dataset))
     elif args.cmd == "train-classifier":
-        epochs = args.epochs or (10 if args.dataset == "fashion-mnist" else 30)
+        epochs = args.epochs or (10 if args.dataset == "fashion-mnist" else 60)
         x, y, xt, yt = classifier_data(args.dataset, args.seed)
         net = train_classifier(x, y, epochs, args.seed, flip=args.dataset == "fashion-mnist")
         out = args.out or CLASSIFIERS[args.dataset]
