@@ -15,21 +15,10 @@ def tiny_unet2d(in_channels=3, num_classes=None, size=8):
 
 
 def write_tiny_tokenizer(folder, max_length=8):
-    """A CLIP tokenizer over single letters, written by hand (vocab.json + merges.txt)."""
-    from transformers import CLIPTokenizer
-    os.makedirs(folder, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                        model_max_length=max_length)
-    tok.save_pretrained(folder)
-    return len(vocab)
+    """A CLIP tokenizer over single letters, written by hand: benchmark/scale.py's, which builds the paper-scale
+    pipelines offline the same way. -> its vocabulary size."""
+    from benchmark.scale import write_tokenizer
+    return write_tokenizer(str(folder), max_length)
 
 
 def tiny_text_encoder(vocab_size, max_length=8, hidden=16):
