@@ -135,7 +135,37 @@ def main(argv=None):
                     w.writeheader()
                     w.writerows(rows)
                 os.replace(args.results + ".tmp", args.results)
+    curve_figure(read_rows(args.results), args.results.replace(".csv", "_curves.png"))
     print(f"rows in {args.results} ({time.strftime('%H:%M:%S')})")
+
+
+def curve_figure(rows, path):
+    """FD_FMNIST and recall against training steps, one line per (method, name, seed, sampling steps) with at
+    least two exports: whether more steps would help."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series = {}
+    for r in rows:
+        series.setdefault((r["method"], r["name"], r["seed"], r["sampling_steps"]), []).append(r)
+    series = {k: sorted(v, key=lambda r: int(r["train_steps"])) for k, v in series.items() if len(v) > 1}
+    if not series:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for (method, name, seed, steps), v in sorted(series.items()):
+        x = [int(r["train_steps"]) for r in v]
+        label = f"{method.upper()} {name}, seed {seed}, {steps} step{'s' if steps != '1' else ''}"
+        axes[0].plot(x, [float(r["fd_fmnist"]) for r in v], "o-", label=label)
+        axes[1].plot(x, [float(r["recall"]) for r in v], "o-", label=label)
+    axes[0].set_yscale("log")
+    for ax, name in zip(axes, ("FD_FMNIST (2000 vs 2000)", "recall (k = 3)")):
+        ax.set_xlabel("training steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

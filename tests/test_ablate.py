@@ -43,6 +43,7 @@ def test_a_run_scores_every_export_once_and_keeps_other_rows(tmp_path, monkeypat
     assert [(r["name"], r["train_steps"], r["sampling_steps"]) for r in rows] == \
         [("no_reg", "2", "1"), ("no_reg", "4", "1"), ("no_reg", "5", "1")]
     assert rows[-1]["wall_s"] == "20.0" and rows[0]["wall_s"] == "" and "--no-reg" in rows[0]["flags"]
+    assert (tmp_path / "ablations_curves.png").exists()   # three exports of one run: a curve
     n = len(calls)
     ablate.main(["dmd", "no_reg", "--every", "2", *common, "--", "--no-reg", "--max-steps", "5"])
     assert len(calls) == n   # trained and scored: nothing runs again
