@@ -136,6 +136,7 @@ def main(argv=None):
                     w.writerows(rows)
                 os.replace(args.results + ".tmp", args.results)
     curve_figure(read_rows(args.results), args.results.replace(".csv", "_curves.png"))
+    sample_figure(args, args.results.replace(".csv", "_samples.png"))
     print(f"rows in {args.results} ({time.strftime('%H:%M:%S')})")
 
 
@@ -170,3 +171,39 @@ def curve_figure(rows, path):
 
 if __name__ == "__main__":
     main()
+
+
+FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("add", "full", 1), ("add", "full", 4),
+          ("add", "adv", 1), ("add", "adv", 4), ("add", "distill", 1), ("add", "from_dmd", 1),
+          ("add", "teacher_backbone", 1)]
+
+
+def sample_figure(args, path):
+    """Six final-export samples per class (rows) for each seed-0 run of FIGURE that exists, beside the teacher's 32
+    Heun steps where benchmark/fmnist.py left them (runs/fmnist-cpu/samples)."""
+    import matplotlib
+    import numpy as np
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = [(os.path.join(ROOT, "runs", "fmnist-cpu", "samples", "teacher_full_32.npz"), "teacher, 32 steps")]
+    for method, name, steps in FIGURE:
+        final = "generator" if method == "dmd" else "student"
+        npz = os.path.join(args.out, f"{method}_{name}_seed0", "scores", f"{final}_{steps}step.npz")
+        cols.append((npz, f"{method.upper()} {name}, {steps} step{'s' if steps > 1 else ''}"))
+    cols = [c for c in cols if os.path.exists(c[0])]
+    if not cols:
+        return
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.1 * len(cols), 3.4), squeeze=False)
+    for ax, (npz, title) in zip(axes[0], cols):
+        with np.load(npz) as d:
+            ims, labels = d["images"], d["labels"]
+        ims = ims[..., 0] if ims.ndim == 4 else ims
+        blank = np.zeros((6, 28, 28), ims.dtype)   # a class with fewer than 6 samples is padded with black
+        grid = np.concatenate([np.concatenate(list(np.concatenate([ims[np.flatnonzero(labels == c)[:6]][:, 2:30, 2:30],
+                                                                   blank])[:6]), 1) for c in range(10)], 0)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
