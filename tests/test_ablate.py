@@ -4,6 +4,7 @@ import csv
 import os
 import re
 
+import numpy as np
 import pytest
 
 from benchmark import ablate
@@ -15,7 +16,9 @@ def fake_run(calls):
         if cmd.startswith("eval.py domain"):
             return 1.0, f"SPREAD 0.05000\nFD_FMNIST {len(calls):.4f} PRECISION 0.7000 RECALL 0.6000 ACCURACY 0.9000\n"
         if cmd.startswith("eval.py generate"):
-            open(re.search(r"--out (\S+)", cmd).group(1), "w").close()
+            rng = np.random.default_rng(len(calls))
+            np.savez(re.search(r"--out (\S+)", cmd).group(1), labels=np.arange(60) % 10,
+                     images=(rng.random((60, 32, 32)) * 255).astype(np.uint8))
             return 1.0, ""
         out = re.search(r"--output-dir (\S+)", cmd).group(1)
         sub = "generator" if cmd.startswith("dmd.py") else "student"
@@ -44,6 +47,7 @@ def test_a_run_scores_every_export_once_and_keeps_other_rows(tmp_path, monkeypat
         [("no_reg", "2", "1"), ("no_reg", "4", "1"), ("no_reg", "5", "1")]
     assert rows[-1]["wall_s"] == "20.0" and rows[0]["wall_s"] == "" and "--no-reg" in rows[0]["flags"]
     assert (tmp_path / "ablations_curves.png").exists()   # three exports of one run: a curve
+    assert (tmp_path / "ablations_samples.png").exists()   # and its final samples in the figure
     n = len(calls)
     ablate.main(["dmd", "no_reg", "--every", "2", *common, "--", "--no-reg", "--max-steps", "5"])
     assert len(calls) == n   # trained and scored: nothing runs again
