@@ -169,9 +169,6 @@ def curve_figure(rows, path):
     plt.close(fig)
 
 
-if __name__ == "__main__":
-    main()
-
 
 FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("add", "full", 1), ("add", "full", 4),
           ("add", "adv", 1), ("add", "adv", 4), ("add", "distill", 1), ("add", "from_dmd", 1),
@@ -207,3 +204,7 @@ def sample_figure(args, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

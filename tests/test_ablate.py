@@ -65,3 +65,11 @@ def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
         ablate.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_script_entry_point_comes_after_every_definition():
+    """`python benchmark/ablate.py` runs main() at import time of the last statement: a helper defined after it
+    would be missing when main() calls it (this happened once)."""
+    import ast
+    tree = ast.parse(open(ablate.__file__).read())
+    assert isinstance(tree.body[-1], ast.If) and "__main__" in ast.unparse(tree.body[-1].test)
