@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fmnist import MODELS, ROOT, SCALES, run  # noqa: E402
+from fmnist import MODELS, ROOT, SCALES, class_grid, run  # noqa: E402
 
 FIELDS = ["method", "name", "seed", "train_steps", "sampling_steps", "fd_fmnist", "precision", "recall", "accuracy",
           "spread", "wall_s", "teacher", "flags"]
@@ -169,7 +169,6 @@ def curve_figure(rows, path):
     plt.close(fig)
 
 
-
 FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("add", "full", 1), ("add", "full", 4),
           ("add", "adv", 1), ("add", "adv", 4), ("add", "distill", 1), ("add", "from_dmd", 1),
           ("add", "teacher_backbone", 1)]
@@ -194,11 +193,7 @@ def sample_figure(args, path):
     for ax, (npz, title) in zip(axes[0], cols):
         with np.load(npz) as d:
             ims, labels = d["images"], d["labels"]
-        ims = ims[..., 0] if ims.ndim == 4 else ims
-        blank = np.zeros((6, 28, 28), ims.dtype)   # a class with fewer than 6 samples is padded with black
-        grid = np.concatenate([np.concatenate(list(np.concatenate([ims[np.flatnonzero(labels == c)[:6]][:, 2:30, 2:30],
-                                                                   blank])[:6]), 1) for c in range(10)], 0)
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(class_grid(ims, labels), cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.tight_layout()

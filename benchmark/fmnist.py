@@ -257,6 +257,16 @@ def read_csv(args):
             for r in csv.DictReader(open(path))}
 
 
+def class_grid(ims, labels, per_class=6):
+    """Samples (N, 32, 32) or (N, 32, 32, 1) grey, with labels (N,) -> a (10 * 28, per_class * 28) grid: one row per
+    class of its first per_class samples, centre-cropped to 28x28; a class with fewer is padded with black."""
+    ims = ims[..., 0] if ims.ndim == 4 else ims
+    blank = np.zeros((per_class, 28, 28), ims.dtype)
+    rows = [np.concatenate([ims[np.flatnonzero(labels == c)[:per_class]][:, 2:30, 2:30], blank])[:per_class]
+            for c in range(10)]
+    return np.concatenate([np.concatenate(list(r), 1) for r in rows], 0)
+
+
 def figures(rows, args):
     """results/fmnist_samples.png (per class: teacher 32 steps | DMD 1 | ADD 1 | ADD 4) and
     results/fmnist_fd_vs_steps.png (teacher FD_FMNIST against Heun steps, one-step students marked)."""
@@ -272,12 +282,7 @@ def figures(rows, args):
     for ax, (m, v, s, title) in zip(axes[0], cols):
         with np.load(sample_path(args, m, v, s)) as d:
             ims, labels = d["images"], d["labels"]
-        ims = ims[..., 0] if ims.ndim == 4 else ims                          # grey: (N, H, W) or (N, H, W, 1)
-        blank = np.zeros((6, 28, 28), ims.dtype)   # a class with fewer than 6 samples is padded with black
-        pick = [np.flatnonzero(labels == c)[:6] for c in range(10)]      # 6 samples of each class, one row each
-        grid = np.concatenate([np.concatenate(list(np.concatenate([ims[i][:, 2:30, 2:30], blank])[:6]), 1)
-                               for i in pick], 0)
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(class_grid(ims, labels), cmap="gray", vmin=0, vmax=255)
         r = rows.get((m, v, s, seed), {})
         ax.set_title(f"{title}\nFD_FMNIST {float(r.get('fd_fmnist') or 'nan'):.2f}, recall "
                      f"{float(r.get('recall') or 'nan'):.2f}", fontsize=9)
