@@ -302,7 +302,7 @@ def domain_metrics(net, images, ref_images, labels=None):
     if labels is not None:
         out.update(accuracy=class_accuracy(pred, labels), spread=within_class_spread(images, np.asarray(labels)))
     else:
-        out.update(coverage=class_coverage(pred))
+        out.update(coverage=class_coverage(pred), shares=np.bincount(pred, minlength=10) / len(pred))
     return out
 
 
@@ -599,6 +599,8 @@ def main(argv=None):
         m = domain_metrics(net, images, ref, labels)
         if "spread" in m:
             print(f"SPREAD {m['spread']:.5f} (within-class mean squared pixel distance)")
+        if "shares" in m:
+            print("CLASS SHARES " + " ".join(f"{v:.3f}" for v in m["shares"]) + " (predicted classes 0-9)")
         print(domain_line(m, dataset))
     elif args.cmd == "train-classifier":
         epochs = args.epochs or (10 if args.dataset == "fashion-mnist" else 60)

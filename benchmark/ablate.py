@@ -4,18 +4,23 @@
   python benchmark/ablate.py dmd no_reg -- --no-reg            # anything after -- is added to them
   python benchmark/ablate.py add full --sampling-steps 1 4     # ADD, scored at 1 and 4 steps
   python benchmark/ablate.py dmd full --seed 1 --every 200     # a second seed, a curve point every 200 steps
+  python benchmark/ablate.py teacher heun --sampling-steps 16 32 --teacher benchmark/models/fmnist-cpu-uncond
+                                                                # a teacher's own rows (no training)
 
 Each run trains in runs/ablate/METHOD_NAME_seedS (dmd.py or add.py with the shipped CPU teacher, the CPU scale's
 arguments of benchmark/fmnist.py, then the extra flags, resuming if interrupted), exports the model every --every
 steps (--export-every) and at the end; every export is scored at each of --sampling-steps: eval.py generate
 (--num samples, fixed seed) and eval.py domain against as many Fashion-MNIST test images. One row per (export,
 sampling steps) goes to benchmark/results/cpu/ablations.csv; a row already there is not scored again. DMD runs
-share one set of regression pairs (runs/ablate/dmd_pairs, seed 0). Set OMP_NUM_THREADS to run two at once.
+share one set of regression pairs per teacher (runs/ablate/dmd_pairs, seed 0). Another --teacher works in folders
+named after it (runs/ablate/dmd_full_fmnist-cpu-uncond_seed0); an unconditional teacher's rows carry class coverage
+(and the predicted-class shares) instead of class accuracy. Set OMP_NUM_THREADS to run two at once.
 """
 import argparse
 import csv
 import fcntl
 import glob
+import json
 import os
 import re
 import sys
@@ -25,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fmnist import MODELS, ROOT, SCALES, class_grid, run  # noqa: E402
 
 FIELDS = ["method", "name", "seed", "train_steps", "sampling_steps", "fd_fmnist", "precision", "recall", "accuracy",
-          "spread", "wall_s", "teacher", "flags"]
+          "spread", "coverage", "class_shares", "wall_s", "teacher", "flags"]
+DEFAULT_TEACHER = "fmnist-cpu"
 CSV = os.path.join(ROOT, "benchmark", "results", "cpu", "ablations.csv")
 
 
@@ -43,7 +49,8 @@ def parse_args(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                epilog="Flags after -- go to dmd.py / add.py after the CPU scale's own (a later flag wins).")
-    p.add_argument("method", choices=["dmd", "add"], help="which script trains")
+    p.add_argument("method", choices=["dmd", "add", "teacher"], help="which script trains (teacher: none, the "
+                   "teacher itself is scored at --sampling-steps Heun steps)")
     p.add_argument("name", help="the row's name, e.g. full, no_reg, diffaug_none (letters, digits, _ and -)")
     p.add_argument("--seed", type=int, default=0, help="training seed (the scoring seed stays 0)")
     p.add_argument("--every", type=int, default=0, help="export and score every N training steps as well (a curve)")
@@ -60,6 +67,7 @@ def parse_args(argv=None):
     if not os.path.exists(os.path.join(args.teacher, "unet")):
         p.error(f"--teacher {args.teacher}: no unet/ folder there")
     args.extra = " ".join(extra)
+    args.teacher_name = os.path.basename(os.path.normpath(args.teacher))
     return args
 
 
@@ -68,36 +76,50 @@ def read_rows(path):
 
 
 def key(r):
-    return (r["method"], r["name"], str(r["seed"]), str(r["train_steps"]), str(r["sampling_steps"]))
+    return (r["method"], r["name"], str(r["seed"]), str(r["train_steps"]), str(r["sampling_steps"]),
+            r.get("teacher") or DEFAULT_TEACHER)
+
+
+def tagged(args, name):
+    """A working folder's name: NAME for the default teacher, NAME_TEACHER for another."""
+    return name if args.teacher_name == DEFAULT_TEACHER else f"{name}_{args.teacher_name}"
 
 
 def score(args, model, steps, npz, info):
-    """eval.py generate + domain for one export at `steps` student steps -> a CSV row (dict)."""
+    """eval.py generate + domain for one export (a student folder, or the teacher) at `steps` steps -> a CSV row
+    (dict): class accuracy and spread for class-conditional samples, coverage and class shares for unconditional."""
     log = npz.replace(".npz", ".log")
+    source = f"--teacher {model}" if args.method == "teacher" else f"--generator {model}"
     if not os.path.exists(npz):
-        run(f"eval.py generate --generator {model} --steps {steps} --num {args.num} --seed 0 --batch-size 250 "
-            f"--out {npz}", log)
+        run(f"eval.py generate {source} --steps {steps} --num {args.num} --seed 0 --batch-size 250 --out {npz}", log)
     _, out = run(f"eval.py domain --samples {npz} --ref fashion-mnist-test --ref-num {args.num} --crop 28",
                  log.replace(".log", "_domain.log"))
-    m = re.search(r"FD_FMNIST ([0-9.]+) PRECISION ([0-9.]+) RECALL ([0-9.]+) ACCURACY ([0-9.]+)", out)
-    spread = re.search(r"SPREAD ([0-9.]+)", out)
+    m = re.search(r"FD_FMNIST ([0-9.]+) PRECISION ([0-9.]+) RECALL ([0-9.]+) (ACCURACY|COVERAGE) ([0-9.]+)", out)
+    spread, shares = re.search(r"SPREAD ([0-9.]+)", out), re.search(r"CLASS SHARES ([0-9. ]+?) \(", out)
+    cond = m.group(4) == "ACCURACY"
     return dict(method=args.method, name=args.name, seed=args.seed, sampling_steps=steps,
-                fd_fmnist=round(float(m.group(1)), 3), precision=m.group(2), recall=m.group(3), accuracy=m.group(4),
-                spread=spread.group(1) if spread else "", teacher=os.path.basename(args.teacher.rstrip("/")), **info)
+                fd_fmnist=round(float(m.group(1)), 3), precision=m.group(2), recall=m.group(3),
+                accuracy=m.group(5) if cond else "", coverage="" if cond else m.group(5),
+                spread=spread.group(1) if spread else "", class_shares=shares.group(1) if shares else "",
+                teacher=args.teacher_name, **info)
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = SCALES["cpu"]
-    run_dir = os.path.join(args.out, f"{args.method}_{args.name}_seed{args.seed}")
+    run_dir = os.path.join(args.out, tagged(args, f"{args.method}_{args.name}") + f"_seed{args.seed}")
     final = os.path.join(run_dir, "generator" if args.method == "dmd" else "student")
     flags = cfg[args.method] + (f" --export-every {args.every}" if args.every else "") + \
         (f" {args.extra}" if args.extra else "")
+    if args.method == "teacher":   # no training: the teacher's own rows, at its trained step count
+        info = os.path.join(args.teacher, "teacher_info.json")
+        steps = json.load(open(info))["train_steps"] if os.path.exists(info) else 0
+        return score_all(args, [(steps, args.teacher)], "", run_dir, "")
     if args.method == "dmd":
-        pairs = os.path.join(args.out, "dmd_pairs")
+        pairs = os.path.join(args.out, tagged(args, "dmd_pairs"))
         if not os.path.exists(os.path.join(pairs, "done")):   # the regression pairs (teacher ODE), built once
             run(f"dmd.py --teacher {args.teacher} --pairs-dir {pairs} --output-dir {pairs} --seed 0 {cfg['dmd']} "
-                "--max-steps 0", os.path.join(args.out, "logs", "dmd_pairs.log"))
+                "--max-steps 0", os.path.join(args.out, "logs", f"{os.path.basename(pairs)}.log"))
             open(os.path.join(pairs, "done"), "w").write("built\n")
         cmd = f"dmd.py --teacher {args.teacher} --pairs-dir {pairs}"
     else:
@@ -112,20 +134,28 @@ def main(argv=None):
     wall = float(open(wall_file).read()) if os.path.exists(wall_file) else ""
     final_steps = max(int(r["step"]) for r in csv.DictReader(open(os.path.join(run_dir, "log.csv"))))
     exports = [(int(p.rsplit("_", 1)[1]), p) for p in sorted(glob.glob(final + "_*"))] + [(final_steps, final)]
+    score_all(args, exports, final, run_dir, wall, flags)
+
+
+def score_all(args, exports, final, run_dir, wall, flags=""):
+    """Score each (train steps, folder) export not yet in the CSV at each --sampling-steps, then redraw."""
     rows = read_rows(args.results)
     done = {key(r) for r in rows}
     for train_steps, model in exports:
         for s in args.sampling_steps:
             info = dict(train_steps=train_steps, wall_s=wall if model == final else "", flags=flags)
-            row = dict(method=args.method, name=args.name, seed=args.seed, sampling_steps=s, **info)
+            row = dict(method=args.method, name=args.name, seed=args.seed, sampling_steps=s,
+                       teacher=args.teacher_name, **info)
             if key({k: str(v) for k, v in row.items()}) in done:
                 continue
             npz = os.path.join(run_dir, "scores", f"{os.path.basename(model)}_{s}step.npz")
             os.makedirs(os.path.dirname(npz), exist_ok=True)
             row = score(args, model, s, npz, info)
-            print(f"{args.method} {args.name} seed {args.seed}, {train_steps} training steps, {s} step(s): "
-                  f"FD_FMNIST {row['fd_fmnist']}, precision {row['precision']}, recall {row['recall']}, "
-                  f"accuracy {row['accuracy']}", flush=True)
+            kind = f"accuracy {row['accuracy']}" if row["accuracy"] else \
+                f"coverage {row['coverage']} (class shares {row['class_shares']})"
+            print(f"{args.method} {args.name} seed {args.seed} ({args.teacher_name}), {train_steps} training steps, "
+                  f"{s} step(s): FD_FMNIST {row['fd_fmnist']}, precision {row['precision']}, recall {row['recall']}, "
+                  f"{kind}", flush=True)
             os.makedirs(os.path.dirname(args.results), exist_ok=True)
             with open(args.results + ".lock", "w") as lock:   # two runs at once: one writer at a time
                 fcntl.flock(lock, fcntl.LOCK_EX)
@@ -141,23 +171,27 @@ def main(argv=None):
 
 
 def curve_figure(rows, path):
-    """FD_FMNIST and recall against training steps, one line per (method, name, seed, sampling steps) with at
-    least two exports: whether more steps would help."""
+    """FD_FMNIST and recall against training steps, one line per (method, name, seed, sampling steps, teacher)
+    with at least two exports: whether more steps would help. Another teacher's lines are dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     series = {}
     for r in rows:
-        series.setdefault((r["method"], r["name"], r["seed"], r["sampling_steps"]), []).append(r)
+        t = r.get("teacher") or DEFAULT_TEACHER
+        series.setdefault((t != DEFAULT_TEACHER, t, r["method"], r["name"], r["seed"], r["sampling_steps"]),
+                          []).append(r)
     series = {k: sorted(v, key=lambda r: int(r["train_steps"])) for k, v in series.items() if len(v) > 1}
     if not series:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for (method, name, seed, steps), v in sorted(series.items()):
+    for (other, teacher, method, name, seed, steps), v in sorted(series.items()):
         x = [int(r["train_steps"]) for r in v]
-        label = f"{method.upper()} {name}, seed {seed}, {steps} step{'s' if steps != '1' else ''}"
-        axes[0].plot(x, [float(r["fd_fmnist"]) for r in v], "o-", label=label)
-        axes[1].plot(x, [float(r["recall"]) for r in v], "o-", label=label)
+        label = f"{method.upper()} {name}, seed {seed}, {steps} step{'s' if steps != '1' else ''}" + \
+            (f" ({teacher})" if other else "")
+        style = "o--" if other else "o-"
+        axes[0].plot(x, [float(r["fd_fmnist"]) for r in v], style, label=label)
+        axes[1].plot(x, [float(r["recall"]) for r in v], style, label=label)
     axes[0].set_yscale("log")
     for ax, name in zip(axes, ("FD_FMNIST (2000 vs 2000)", "recall (k = 3)")):
         ax.set_xlabel("training steps")
@@ -174,17 +208,35 @@ FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("add",
           ("add", "teacher_backbone", 1)]
 
 
+def predicted_classes(ims):
+    """The domain classifier's classes of uint8 (N, 32, 32[, 1]) samples (centre 28 x 28): rows for the sample
+    figure of an unconditional teacher, whose samples carry no labels."""
+    sys.path.insert(0, ROOT)
+    import eval as ev
+    return ev.domain_features(ev.load_classifier(ev.CLASSIFIERS["fashion-mnist"]), ev.center_crop(ims, 28))[1]
+
+
 def sample_figure(args, path):
     """Six final-export samples per class (rows) for each seed-0 run of FIGURE that exists, beside the teacher's 32
-    Heun steps where benchmark/fmnist.py left them (runs/fmnist-cpu/samples)."""
+    Heun steps: for the default teacher where benchmark/fmnist.py left them (runs/fmnist-cpu/samples), for another
+    teacher its `ablate.py teacher` rows (the most steps), in PATH_TEACHER.png. Rows of unconditional samples are
+    the classes the domain classifier sees: a dropped class is a black row."""
     import matplotlib
     import numpy as np
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols = [(os.path.join(ROOT, "runs", "fmnist-cpu", "samples", "teacher_full_32.npz"), "teacher, 32 steps")]
+    if args.teacher_name == DEFAULT_TEACHER:
+        cols = [(os.path.join(ROOT, "runs", "fmnist-cpu", "samples", "teacher_full_32.npz"), "teacher, 32 steps")]
+    else:
+        path = path.replace(".png", f"_{args.teacher_name}.png")
+
+        def steps_of(npz):
+            return int(re.search(r"_(\d+)step\.npz$", npz).group(1))
+        found = glob.glob(os.path.join(args.out, tagged(args, "teacher_*") + "_seed0", "scores", "*step.npz"))
+        cols = [(p, f"teacher, {steps_of(p)} steps") for p in sorted(found, key=steps_of)[-1:]]
     for method, name, steps in FIGURE:
         final = "generator" if method == "dmd" else "student"
-        npz = os.path.join(args.out, f"{method}_{name}_seed0", "scores", f"{final}_{steps}step.npz")
+        npz = os.path.join(args.out, tagged(args, f"{method}_{name}") + "_seed0", "scores", f"{final}_{steps}step.npz")
         cols.append((npz, f"{method.upper()} {name}, {steps} step{'s' if steps > 1 else ''}"))
     cols = [c for c in cols if os.path.exists(c[0])]
     if not cols:
@@ -192,7 +244,8 @@ def sample_figure(args, path):
     fig, axes = plt.subplots(1, len(cols), figsize=(2.1 * len(cols), 3.4), squeeze=False)
     for ax, (npz, title) in zip(axes[0], cols):
         with np.load(npz) as d:
-            ims, labels = d["images"], d["labels"]
+            ims = d["images"]
+            labels = d["labels"] if "labels" in d else predicted_classes(ims)
         ax.imshow(class_grid(ims, labels), cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=8)
         ax.axis("off")

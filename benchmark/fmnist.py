@@ -109,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher-command", default=None, help="with --ship-teacher: the teacher.py command(s) that "
                    "trained it, recorded in teacher_info.json")
     p.add_argument("--teacher-wall-s", type=float, default=None, help="with --ship-teacher: its training wall time")
+    p.add_argument("--ship-as", default=None, help="with --ship-teacher: the folder under benchmark/models/ "
+                   "(default: fmnist-SCALE, the one this script uses; e.g. fmnist-cpu-uncond for benchmark/ablate.py)")
     args = p.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         p.error("--jobs must be >= 1")
@@ -327,7 +329,7 @@ def ship_teacher(args):
     from diffusers import UNet2DModel
     if not (args.teacher_command and args.teacher_wall_s):
         sys.exit("benchmark: error: --ship-teacher needs --teacher-command and --teacher-wall-s")
-    dest = os.path.join(MODELS, f"fmnist-{args.scale}")
+    dest = os.path.join(MODELS, args.ship_as or f"fmnist-{args.scale}")
     unet = UNet2DModel.from_pretrained(os.path.join(args.ship_teacher, "unet"))
     unet.half().save_pretrained(os.path.join(dest, "unet"))
     shutil.copytree(os.path.join(args.ship_teacher, "scheduler"), os.path.join(dest, "scheduler"), dirs_exist_ok=True)

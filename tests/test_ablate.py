@@ -1,6 +1,7 @@
 """benchmark/ablate.py: a named run's command, its exports scored once each, rows kept across runs; each repository
 command replaced by a stand-in that writes what the real one would (the real commands have their own tests)."""
 import csv
+import json
 import os
 import re
 
@@ -14,10 +15,14 @@ def fake_run(calls):
     def run(cmd, log, threads=0):
         calls.append(cmd)
         if cmd.startswith("eval.py domain"):
-            return 1.0, f"SPREAD 0.05000\nFD_FMNIST {len(calls):.4f} PRECISION 0.7000 RECALL 0.6000 ACCURACY 0.9000\n"
-        if cmd.startswith("eval.py generate"):
+            with np.load(re.search(r"--samples (\S+)", cmd).group(1)) as d:
+                tail = "ACCURACY 0.9000" if "labels" in d else "COVERAGE 0.4000"
+            return 1.0, f"SPREAD 0.05000\nCLASS SHARES {' '.join(['0.100'] * 10)} (predicted classes 0-9)\n" \
+                f"FD_FMNIST {len(calls):.4f} PRECISION 0.7000 RECALL 0.6000 {tail}\n"
+        if cmd.startswith("eval.py generate"):   # a teacher named *uncond*: samples without labels
             rng = np.random.default_rng(len(calls))
-            np.savez(re.search(r"--out (\S+)", cmd).group(1), labels=np.arange(60) % 10,
+            np.savez(re.search(r"--out (\S+)", cmd).group(1), **({} if "uncond" in cmd else
+                                                                  {"labels": np.arange(60) % 10}),
                      images=(rng.random((60, 32, 32)) * 255).astype(np.uint8))
             return 1.0, ""
         out = re.search(r"--output-dir (\S+)", cmd).group(1)
@@ -56,6 +61,31 @@ def test_a_run_scores_every_export_once_and_keeps_other_rows(tmp_path, monkeypat
     assert len(rows) == 5 and [(r["method"], r["seed"], r["sampling_steps"]) for r in rows[3:]] == \
         [("add", "1", "1"), ("add", "1", "4")]
     assert not any("--pairs-dir" in c for c in calls[n:])
+
+
+def test_another_teacher_has_its_own_folders_pairs_and_rows_with_coverage(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ablate, "run", fake_run(calls))
+    teacher = tmp_path / "fmnist-cpu-uncond"
+    (teacher / "unet").mkdir(parents=True)
+    json.dump({"train_steps": 7}, open(teacher / "teacher_info.json", "w"))
+    csv_path = tmp_path / "ablations.csv"
+    common = ["--out", str(tmp_path / "runs"), "--results", str(csv_path)]
+    ablate.main(["teacher", "heun", "--sampling-steps", "2", "4", "--teacher", str(teacher), *common])
+    ablate.main(["dmd", "full", "--teacher", str(teacher), *common, "--", "--max-steps", "3"])
+    ablate.main(["dmd", "full", *common, "--", "--max-steps", "3"])   # the same name on the default teacher
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [(r["method"], r["train_steps"], r["sampling_steps"], r["teacher"]) for r in rows] == \
+        [("teacher", "7", "2", "fmnist-cpu-uncond"), ("teacher", "7", "4", "fmnist-cpu-uncond"),
+         ("dmd", "3", "1", "fmnist-cpu-uncond"), ("dmd", "3", "1", "fmnist-cpu")]
+    assert [(r["accuracy"], r["coverage"]) for r in rows] == [("", "0.4000")] * 3 + [("0.9000", "")]
+    assert rows[2]["class_shares"] == " ".join(["0.100"] * 10)
+    gen = [c for c in calls if c.startswith("eval.py generate")]
+    assert gen[0].startswith(f"eval.py generate --teacher {teacher} --steps 2")   # the teacher itself, no training
+    pairs = [re.search(r"--pairs-dir (\S+)", c).group(1) for c in calls if "--max-steps 0" in c]
+    assert [os.path.basename(p) for p in pairs] == ["dmd_pairs_fmnist-cpu-uncond", "dmd_pairs"]   # one set each
+    assert (tmp_path / "runs" / "dmd_full_fmnist-cpu-uncond_seed0" / "generator").exists()
+    assert (tmp_path / "ablations_samples_fmnist-cpu-uncond.png").exists()   # rows = predicted classes
 
 
 @pytest.mark.parametrize("argv,msg", [(["dmd", "a b"], "letters, digits"), (["sgd", "x"], "invalid choice"),

@@ -227,3 +227,7 @@ def test_ship_teacher_writes_fp16_weights_that_load_as_the_same_fp32_model(tmp_p
     for (k, a), b in zip(unet.state_dict().items(), back.state_dict().values()):
         assert b.dtype == torch.float32 and torch.equal(a.half().float(), b), k
     assert (dest / "scheduler" / "scheduler_config.json").exists()
+    fmnist.main(["--scale", "cpu", "--ship-teacher", str(run_dir), "--teacher-command", "teacher.py --unconditional",
+                 "--teacher-wall-s", "60", "--ship-as", "fmnist-cpu-uncond"])   # beside it, under its own name
+    assert json.load(open(tmp_path / "models" / "fmnist-cpu-uncond" / "teacher_info.json"))["command"] == \
+        "teacher.py --unconditional" and json.load(open(dest / "teacher_info.json"))["command"] == "teacher.py --x"

@@ -119,8 +119,11 @@ def test_coverage_shows_two_missing_classes(fm):
 def test_cli_unconditional_samples_report_coverage_and_32px_needs_crop(fm, tmp_path, capsys):
     np.savez(tmp_path / "u.npz", images=fm["x"][:300])
     ev.main(["domain", "--samples", str(tmp_path / "u.npz"), "--ref", str(tmp_path / "u.npz")])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, shares, last = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"FD_FMNIST [0-9.]+ PRECISION 1\.0000 RECALL 1\.0000 COVERAGE [0-9.]+", last), last
+    m = re.fullmatch(r"CLASS SHARES ((?:[0-9.]+ ){10})\(predicted classes 0-9\)", shares)   # which classes, not only
+    assert m and np.allclose([float(v) for v in m.group(1).split()],             # the smallest share
+                             np.bincount(fm["p"][:300], minlength=10) / 300, atol=5e-4), shares
     canvas = np.pad(fm["x"][:300], ((0, 0), (2, 2), (2, 2)))
     np.savez(tmp_path / "c.npz", images=canvas, labels=fm["y"][:300])
     ev.main(["domain", "--samples", str(tmp_path / "c.npz"), "--ref", "fashion-mnist-test", "--crop", "28"])
