@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fmnist import MODELS, ROOT, SCALES, class_grid, run  # noqa: E402
+from fmnist import MODELS, ROOT, SCALES, class_grid, domain_scores, run  # noqa: E402
 
 FIELDS = ["method", "name", "seed", "train_steps", "sampling_steps", "fd_fmnist", "precision", "recall", "accuracy",
           "spread", "coverage", "class_shares", "wall_s", "teacher", "flags"]
@@ -88,20 +88,10 @@ def tagged(args, name):
 def score(args, model, steps, npz, info):
     """eval.py generate + domain for one export (a student folder, or the teacher) at `steps` steps -> a CSV row
     (dict): class accuracy and spread for class-conditional samples, coverage and class shares for unconditional."""
-    log = npz.replace(".npz", ".log")
     source = f"--teacher {model}" if args.method == "teacher" else f"--generator {model}"
-    if not os.path.exists(npz):
-        run(f"eval.py generate {source} --steps {steps} --num {args.num} --seed 0 --batch-size 250 --out {npz}", log)
-    _, out = run(f"eval.py domain --samples {npz} --ref fashion-mnist-test --ref-num {args.num} --crop 28",
-                 log.replace(".log", "_domain.log"))
-    m = re.search(r"FD_FMNIST ([0-9.]+) PRECISION ([0-9.]+) RECALL ([0-9.]+) (ACCURACY|COVERAGE) ([0-9.]+)", out)
-    spread, shares = re.search(r"SPREAD ([0-9.]+)", out), re.search(r"CLASS SHARES ([0-9. ]+?) \(", out)
-    cond = m.group(4) == "ACCURACY"
-    return dict(method=args.method, name=args.name, seed=args.seed, sampling_steps=steps,
-                fd_fmnist=round(float(m.group(1)), 3), precision=m.group(2), recall=m.group(3),
-                accuracy=m.group(5) if cond else "", coverage="" if cond else m.group(5),
-                spread=spread.group(1) if spread else "", class_shares=shares.group(1) if shares else "",
-                teacher=args.teacher_name, **info)
+    d = domain_scores(source, steps, args.num, 0, 250, npz, npz.replace(".npz", ".log"))
+    return dict(method=args.method, name=args.name, seed=args.seed, sampling_steps=steps, teacher=args.teacher_name,
+                **d, **info)
 
 
 def main(argv=None):

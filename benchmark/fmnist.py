@@ -175,6 +175,24 @@ def train_stage(name, script, out_dir, extra, args, state, rows, key, threads=0)
     return state[name]
 
 
+def domain_scores(source, steps, num, seed, gen_batch, npz, log, threads=0):
+    """eval.py generate (SOURCE: --teacher or --generator FOLDER, fixed seed and count; skipped if NPZ exists),
+    then eval.py domain against as many Fashion-MNIST test images -> dict of strings: fd_fmnist, precision,
+    recall, accuracy and spread (class-conditional samples) or coverage and class_shares (unconditional), '' where
+    absent. The one place both benchmark scripts read eval.py's output."""
+    if not os.path.exists(npz):
+        run(f"eval.py generate {source} --steps {steps} --num {num} --seed {seed} --batch-size {gen_batch} "
+            f"--out {npz}", log, threads)
+    _, out = run(f"eval.py domain --samples {npz} --ref fashion-mnist-test --ref-num {num} --crop 28",
+                 log.replace(".log", "_domain.log"), threads)
+    m = re.search(r"FD_FMNIST ([0-9.]+) PRECISION ([0-9.]+) RECALL ([0-9.]+) (ACCURACY|COVERAGE) ([0-9.]+)", out)
+    spread, shares = re.search(r"SPREAD ([0-9.]+)", out), re.search(r"CLASS SHARES ([0-9. ]+?) \(", out)
+    cond = m.group(4) == "ACCURACY"
+    return dict(fd_fmnist=str(round(float(m.group(1)), 3)), precision=m.group(2), recall=m.group(3),
+                accuracy=m.group(5) if cond else "", coverage="" if cond else m.group(5),
+                spread=spread.group(1) if spread else "", class_shares=shares.group(1) if shares else "")
+
+
 def score_row(rows, key, source, steps, args, info):
     """One row: eval.py generate (fixed seed and count), then eval.py domain on those samples against as many
     Fashion-MNIST test images (FD_FMNIST, precision, recall, class accuracy, within-class spread)."""
@@ -183,20 +201,14 @@ def score_row(rows, key, source, steps, args, info):
     method, variant = key[0], key[1]
     npz = sample_path(args, method, variant, steps)
     log = os.path.join(args.out, "logs", f"score_{method}_{variant}_{steps}.log")
-    if not os.path.exists(npz):
-        run(f"eval.py generate {source} --steps {steps} --num {args.num} --seed {args.seed} "
-            f"--batch-size {args.gen_batch} --out {npz}", log, args.threads)
-    _, out = run(f"eval.py domain --samples {npz} --ref fashion-mnist-test --ref-num {args.num} --crop 28",
-                 log.replace(".log", "_domain.log"), args.threads)
-    m = re.search(r"FD_FMNIST ([0-9.]+) PRECISION ([0-9.]+) RECALL ([0-9.]+) ACCURACY ([0-9.]+)", out)
-    spread = re.search(r"SPREAD ([0-9.]+)", out)
+    d = domain_scores(source, steps, args.num, args.seed, args.gen_batch, npz, log, args.threads)
     with LOCK:
         rows[key] = dict(method=method, variant=variant, steps=steps, seed=key[3], teacher=args.teacher_name,
-                         fd_fmnist=round(float(m.group(1)), 3), precision=m.group(2), recall=m.group(3),
-                         accuracy=m.group(4), coverage="", spread=spread.group(1) if spread else "", fid="",
+                         fd_fmnist=float(d["fd_fmnist"]), precision=d["precision"], recall=d["recall"],
+                         accuracy=d["accuracy"], coverage=d["coverage"], spread=d["spread"], fid="",
                          train_steps=info["train_steps"], wall_s=info["wall_s"], device=args.device)
-        print(f"  {method} {variant} {steps} step(s): FD_FMNIST {float(m.group(1)):.3f}, precision {m.group(2)}, "
-              f"recall {m.group(3)}, accuracy {m.group(4)}", flush=True)
+        print(f"  {method} {variant} {steps} step(s): FD_FMNIST {float(d['fd_fmnist']):.3f}, precision "
+              f"{d['precision']}, recall {d['recall']}, accuracy {d['accuracy']}", flush=True)
         write_csv(rows, args)
 
 

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -38,9 +39,16 @@ def fake_run(calls):
     return run
 
 
+def patch_run(monkeypatch, calls):
+    """Stand-ins for ablate.py's training commands and for the scoring commands it runs through fmnist.py."""
+    fake = fake_run(calls)
+    monkeypatch.setattr(ablate, "run", fake)
+    monkeypatch.setattr(sys.modules[ablate.domain_scores.__module__], "run", fake)
+
+
 def test_a_run_scores_every_export_once_and_keeps_other_rows(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(ablate, "run", fake_run(calls))
+    patch_run(monkeypatch, calls)
     csv_path = tmp_path / "ablations.csv"
     common = ["--out", str(tmp_path / "runs"), "--results", str(csv_path)]
     ablate.main(["dmd", "no_reg", "--every", "2", *common, "--", "--no-reg", "--max-steps", "5"])
@@ -65,7 +73,7 @@ def test_a_run_scores_every_export_once_and_keeps_other_rows(tmp_path, monkeypat
 
 def test_another_teacher_has_its_own_folders_pairs_and_rows_with_coverage(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(ablate, "run", fake_run(calls))
+    patch_run(monkeypatch, calls)
     teacher = tmp_path / "fmnist-cpu-uncond"
     (teacher / "unet").mkdir(parents=True)
     json.dump({"train_steps": 7}, open(teacher / "teacher_info.json", "w"))
