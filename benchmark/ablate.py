@@ -235,9 +235,10 @@ def sample_figure(args, path):
     for ax, (npz, title) in zip(axes[0], cols):
         with np.load(npz) as d:
             ims = d["images"]
-            labels = d["labels"] if "labels" in d else predicted_classes(ims)
+            given = "labels" in d
+            labels = d["labels"] if given else predicted_classes(ims)
         ax.imshow(class_grid(ims, labels), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title + ("" if given else "\n(rows: classifier's class)"), fontsize=8)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
