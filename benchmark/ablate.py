@@ -161,8 +161,8 @@ def score_all(args, exports, final, run_dir, wall, flags=""):
 
 
 def curve_figure(rows, path):
-    """FD_FMNIST and recall against training steps, one line per (method, name, seed, sampling steps, teacher)
-    with at least two exports: whether more steps would help. Another teacher's lines are dashed."""
+    """FD_FMNIST and recall against training steps, one line per (method, name, seed, sampling steps) with at
+    least two exports (whether more steps would help); one row of panels per teacher."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,22 +172,26 @@ def curve_figure(rows, path):
         series.setdefault((t != DEFAULT_TEACHER, t, r["method"], r["name"], r["seed"], r["sampling_steps"]),
                           []).append(r)
     series = {k: sorted(v, key=lambda r: int(r["train_steps"])) for k, v in series.items() if len(v) > 1}
-    if not series:
+    teachers = sorted({k[:2] for k in series})
+    if not teachers:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for (other, teacher, method, name, seed, steps), v in sorted(series.items()):
-        x = [int(r["train_steps"]) for r in v]
-        label = f"{method.upper()} {name}, seed {seed}, {steps} step{'s' if steps != '1' else ''}" + \
-            (f" ({teacher})" if other else "")
-        style = "o--" if other else "o-"
-        axes[0].plot(x, [float(r["fd_fmnist"]) for r in v], style, label=label)
-        axes[1].plot(x, [float(r["recall"]) for r in v], style, label=label)
-    axes[0].set_yscale("log")
-    for ax, name in zip(axes, ("FD_FMNIST (2000 vs 2000)", "recall (k = 3)")):
-        ax.set_xlabel("training steps")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    fig, axes = plt.subplots(len(teachers), 2, figsize=(10, 3.6 * len(teachers)), squeeze=False)
+    for row, teacher in zip(axes, teachers):
+        lines = sorted(k for k in series if k[:2] == teacher)
+        colours = plt.get_cmap("tab20" if len(lines) > 10 else "tab10")
+        for n, k in enumerate(lines):
+            _, _, method, name, seed, steps = k
+            x = [int(r["train_steps"]) for r in series[k]]
+            label = f"{method.upper()} {name}, seed {seed}, {steps} step{'s' if steps != '1' else ''}"
+            row[0].plot(x, [float(r["fd_fmnist"]) for r in series[k]], "o-", color=colours(n), label=label)
+            row[1].plot(x, [float(r["recall"]) for r in series[k]], "o-", color=colours(n), label=label)
+        row[0].set_yscale("log")
+        row[0].set_title(f"teacher {teacher[1]}", fontsize=9)
+        for ax, name in zip(row, ("FD_FMNIST (2000 vs 2000)", "recall (k = 3)")):
+            ax.set_xlabel("training steps")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        row[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
