@@ -96,6 +96,23 @@ def test_another_teacher_has_its_own_folders_pairs_and_rows_with_coverage(tmp_pa
     assert (tmp_path / "ablations_samples_fmnist-cpu-uncond.png").exists()   # rows = predicted classes
 
 
+def test_a_continued_run_scores_its_new_final_export_with_new_samples(tmp_path, monkeypatch):
+    """Continuing a finished run to more steps (its final export renamed generator_STEP, --max-steps raised) must
+    not score the new final export with the old one's cached samples."""
+    calls = []
+    patch_run(monkeypatch, calls)
+    common = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "a.csv")]
+    ablate.main(["dmd", "full", *common, "--", "--max-steps", "3"])
+    run_dir = tmp_path / "runs" / "dmd_full_seed0"
+    os.rename(run_dir / "generator", run_dir / "generator_0000003")
+    (run_dir / "checkpoint.pt").write_text("")
+    ablate.main(["dmd", "full", *common, "--", "--max-steps", "5"])
+    final = [c for c in calls if c.startswith(f"eval.py generate --generator {run_dir / 'generator'} ")]
+    assert len(final) == 2 and "--resume" in [c for c in calls if c.startswith("dmd.py")][-1]
+    rows = list(csv.DictReader(open(tmp_path / "a.csv")))
+    assert [r["train_steps"] for r in rows] == ["3", "5"] and rows[0]["fd_fmnist"] != rows[1]["fd_fmnist"]
+
+
 @pytest.mark.parametrize("argv,msg", [(["dmd", "a b"], "letters, digits"), (["sgd", "x"], "invalid choice"),
                                       (["add", "x", "--teacher", "/nonexistent"], "no unet/ folder")])
 def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
