@@ -170,25 +170,24 @@ def curve_figure(rows, path):
     import matplotlib.pyplot as plt
     series = {}
     for r in rows:
-        t = r.get("teacher") or DEFAULT_TEACHER
-        series.setdefault((t != DEFAULT_TEACHER, t, r["method"], r["name"], r["seed"], r["sampling_steps"]),
-                          []).append(r)
+        series.setdefault((r.get("teacher") or DEFAULT_TEACHER, r["method"], r["name"], r["seed"],
+                           r["sampling_steps"]), []).append(r)
     series = {k: sorted(v, key=lambda r: int(r["train_steps"])) for k, v in series.items() if len(v) > 1}
-    teachers = sorted({k[:2] for k in series})
+    teachers = sorted({k[0] for k in series}, key=lambda t: (t != DEFAULT_TEACHER, t))   # the default one first
     if not teachers:
         return
     fig, axes = plt.subplots(len(teachers), 2, figsize=(10, 3.6 * len(teachers)), squeeze=False)
     for row, teacher in zip(axes, teachers):
-        lines = sorted(k for k in series if k[:2] == teacher)
+        lines = sorted(k for k in series if k[0] == teacher)
         colours = plt.get_cmap("tab20" if len(lines) > 10 else "tab10")
         for n, k in enumerate(lines):
-            _, _, method, name, seed, steps = k
+            _, method, name, seed, steps = k
             x = [int(r["train_steps"]) for r in series[k]]
             label = f"{method.upper()} {name}, seed {seed}, {steps} step{'s' if steps != '1' else ''}"
             row[0].plot(x, [float(r["fd_fmnist"]) for r in series[k]], "o-", color=colours(n), label=label)
             row[1].plot(x, [float(r["recall"]) for r in series[k]], "o-", color=colours(n), label=label)
         row[0].set_yscale("log")
-        row[0].set_title(f"teacher {teacher[1]}", fontsize=9)
+        row[0].set_title(f"teacher {teacher}", fontsize=9)
         for ax, name in zip(row, ("FD_FMNIST (2000 vs 2000)", "recall (k = 3)")):
             ax.set_xlabel("training steps")
             ax.set_ylabel(name)
