@@ -536,7 +536,8 @@ def sample_shape(tch, args):
 def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
     """The regression set D = {(z_i, y_i)} of DMD Sec. 3.3: y = the teacher's deterministic ODE (Heun) from z.
     Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
-    kept, so an interrupted build resumes where it stopped. Returns the shards, memory-mapped."""
+    kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps is an error.
+    Returns the shards, memory-mapped."""
     from tqdm import tqdm
     n_shards = math.ceil(args.num_pairs / args.shard_size)
     path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
@@ -555,7 +556,7 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
             c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
             with autocast(args):
                 ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
-        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids}, path(k) + ".tmp")
+        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps}, path(k) + ".tmp")
         os.replace(path(k) + ".tmp", path(k))
         bar.update()
     bar.close()
@@ -567,6 +568,10 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
             shards.append(torch.load(path(k), mmap=True, weights_only=True))
         except Exception as e:  # noqa: BLE001 - truncated or foreign: either way rebuilt once deleted
             fail(f"{path(k)} cannot be read ({' '.join(str(e).split())[:120]}): delete it and it is rebuilt")
+        built = shards[-1].get("ode_steps", args.ode_steps)   # shards written before this field: not checked
+        if built != args.ode_steps:
+            fail(f"{path(k)} holds pairs of a {built}-step teacher ODE, not --ode-steps {args.ode_steps}: "
+                 "give another --pairs-dir")
     return shards
 
 

@@ -106,10 +106,12 @@ def main(argv=None):
         steps = json.load(open(info))["train_steps"] if os.path.exists(info) else 0
         return score_all(args, [(steps, args.teacher)], "", run_dir, "")
     if args.method == "dmd":
-        pairs = os.path.join(args.out, tagged(args, "dmd_pairs"))
+        ode = re.findall(r"--ode-steps[ =](\d+)", args.extra)   # pairs of another ODE: a folder of their own
+        pairs = os.path.join(args.out, tagged(args, "dmd_pairs" + (f"_ode{ode[-1]}" if ode else "")))
         if not os.path.exists(os.path.join(pairs, "done")):   # the regression pairs (teacher ODE), built once
             run(f"dmd.py --teacher {args.teacher} --pairs-dir {pairs} --output-dir {pairs} --seed 0 {cfg['dmd']} "
-                "--max-steps 0", os.path.join(args.out, "logs", f"{os.path.basename(pairs)}.log"))
+                + (f"--ode-steps {ode[-1]} " if ode else "") + "--max-steps 0",
+                os.path.join(args.out, "logs", f"{os.path.basename(pairs)}.log"))
             open(os.path.join(pairs, "done"), "w").write("built\n")
         cmd = f"dmd.py --teacher {args.teacher} --pairs-dir {pairs}"
     else:

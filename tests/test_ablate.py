@@ -69,6 +69,12 @@ def test_a_run_scores_every_export_once_and_keeps_other_rows(tmp_path, monkeypat
     assert len(rows) == 5 and [(r["method"], r["seed"], r["sampling_steps"]) for r in rows[3:]] == \
         [("add", "1", "1"), ("add", "1", "4")]
     assert not any("--pairs-dir" in c for c in calls[n:])
+    n = len(calls)   # pairs of a longer ODE: their own folder, built with that --ode-steps
+    ablate.main(["dmd", "ode32", *common, "--", "--ode-steps", "32", "--max-steps", "3"])
+    build = [c for c in calls[n:] if "--max-steps 0" in c]
+    assert len(build) == 1 and "dmd_pairs_ode32 " in build[0] and build[0].endswith("--ode-steps 32 --max-steps 0")
+    train = [c for c in calls[n:] if c.startswith("dmd.py") and "--max-steps 0" not in c]
+    assert "dmd_pairs_ode32 " in train[0] and train[0].endswith("--ode-steps 32 --max-steps 3")
 
 
 def test_another_teacher_has_its_own_folders_pairs_and_rows_with_coverage(tmp_path, monkeypatch):

@@ -337,8 +337,9 @@ def test_time_limit_stops_checkpoints_and_exports_and_max_steps_0_only_builds_pa
     assert len(os.listdir(tmp_path / "p" / "pairs")) == 2 and not (tmp_path / "p" / "generator").exists()
 
 
-def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path):
-    """Shards are a function of (seed, shard): a deleted shard is rebuilt identically; others are kept."""
+def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path, capsys):
+    """Shards are a function of (seed, shard): a deleted shard is rebuilt identically; others are kept; shards of
+    another --ode-steps are refused."""
     args = dmd.parse_args(["--teacher", tiny_teachers["vp_class"], "--output-dir", str(tmp_path), "--num-pairs", "6",
                            "--shard-size", "4", "--ode-steps", "2", "--micro-batch", "2", "--device", "cpu"])
     tch = dmd.load_teacher(args, torch.device("cpu"))
@@ -346,7 +347,7 @@ def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path):
     shape = dmd.sample_shape(tch, args)
     first = dmd.build_pairs(tch, conds, args, shape, torch.device("cpu"))
     assert [len(s["z"]) for s in first] == [4, 2]
-    snapshot = [{k: v.clone() for k, v in s.items()} for s in first]
+    snapshot = [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in first]
     os.remove(tmp_path / "pairs" / "shard_00001.pt")
     mtime0 = os.path.getmtime(tmp_path / "pairs" / "shard_00000.pt")
     again = dmd.build_pairs(tch, conds, args, shape, torch.device("cpu"))
@@ -357,6 +358,13 @@ def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path):
     # y is the teacher's Heun ODE from z with the stored class labels
     z, y, ids = dmd.take_pairs(again, torch.tensor([5]))
     torch.testing.assert_close(tch.heun_sample(z, ids, 2), y, rtol=1e-4, atol=1e-4)  # batch 1 vs 2: conv rounding
+    # the same folder asked for pairs of another ODE: a one-line error, not the 2-step pairs reused silently
+    args.ode_steps = 3
+    capsys.readouterr()   # the builds' progress bars
+    with pytest.raises(SystemExit) as e:
+        dmd.build_pairs(tch, conds, args, shape, torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "2-step teacher ODE, not --ode-steps 3" in err and len(err.splitlines()) == 1
 
 
 def test_two_processes_with_torchrun(tiny_teachers, tmp_path):
