@@ -19,6 +19,7 @@ named after it (runs/ablate/dmd_full_fmnist-cpu-uncond_seed0); an unconditional 
 import argparse
 import csv
 import fcntl
+import functools
 import glob
 import json
 import os
@@ -205,12 +206,19 @@ FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("add",
           ("add", "teacher_backbone", 1)]
 
 
+@functools.cache
+def domain_classifier():
+    """eval.py and its Fashion-MNIST classifier, loaded once for all the figure's columns."""
+    sys.path.insert(0, ROOT)
+    import eval as ev
+    return ev, ev.load_classifier(ev.CLASSIFIERS["fashion-mnist"])
+
+
 def predicted_classes(ims):
     """The domain classifier's classes of uint8 (N, 32, 32[, 1]) samples (centre 28 x 28): rows for the sample
     figure of an unconditional teacher, whose samples carry no labels."""
-    sys.path.insert(0, ROOT)
-    import eval as ev
-    return ev.domain_features(ev.load_classifier(ev.CLASSIFIERS["fashion-mnist"]), ev.center_crop(ims, 28))[1]
+    ev, classifier = domain_classifier()
+    return ev.domain_features(classifier, ev.center_crop(ims, 28))[1]
 
 
 def sample_figure(args, path):
