@@ -536,13 +536,29 @@ def sample_shape(tch, args):
 def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
     """The regression set D = {(z_i, y_i)} of DMD Sec. 3.3: y = the teacher's deterministic ODE (Heun) from z.
     Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
-    kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps is an error.
+    kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps is an error, found
+    before anything is built.
     Returns the shards, memory-mapped."""
     from tqdm import tqdm
     n_shards = math.ceil(args.num_pairs / args.shard_size)
     path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
     mine = [k for k in range(n_shards) if k % world == rank]
     todo = [k for k in mine if not os.path.exists(path(k))]
+
+    def load(k):
+        try:
+            shard = torch.load(path(k), mmap=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated or foreign: either way rebuilt once deleted
+            fail(f"{path(k)} cannot be read ({' '.join(str(e).split())[:120]}): delete it and it is rebuilt")
+        built = shard.get("ode_steps", args.ode_steps)   # shards written before this field: not checked
+        if built != args.ode_steps:
+            fail(f"{path(k)} holds pairs of a {built}-step teacher ODE, not --ode-steps {args.ode_steps}: "
+                 "give another --pairs-dir")
+        return shard
+
+    for k in mine:   # the shards already there are checked before any is built: a mismatch costs no build
+        if k not in todo:
+            load(k)
     if todo:
         writable_dir(args.pairs_dir, "--pairs-dir")
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="regression pairs (teacher ODE)",
@@ -562,17 +578,7 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
     bar.close()
     if world > 1:
         torch.distributed.barrier()
-    shards = []
-    for k in range(n_shards):
-        try:
-            shards.append(torch.load(path(k), mmap=True, weights_only=True))
-        except Exception as e:  # noqa: BLE001 - truncated or foreign: either way rebuilt once deleted
-            fail(f"{path(k)} cannot be read ({' '.join(str(e).split())[:120]}): delete it and it is rebuilt")
-        built = shards[-1].get("ode_steps", args.ode_steps)   # shards written before this field: not checked
-        if built != args.ode_steps:
-            fail(f"{path(k)} holds pairs of a {built}-step teacher ODE, not --ode-steps {args.ode_steps}: "
-                 "give another --pairs-dir")
-    return shards
+    return [load(k) for k in range(n_shards)]
 
 
 def take_pairs(shards, idx):

@@ -358,13 +358,15 @@ def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path, 
     # y is the teacher's Heun ODE from z with the stored class labels
     z, y, ids = dmd.take_pairs(again, torch.tensor([5]))
     torch.testing.assert_close(tch.heun_sample(z, ids, 2), y, rtol=1e-4, atol=1e-4)  # batch 1 vs 2: conv rounding
-    # the same folder asked for pairs of another ODE: a one-line error, not the 2-step pairs reused silently
-    args.ode_steps = 3
+    # the same folder asked for pairs of another ODE (and more of them): a one-line error, not the 2-step pairs
+    # reused silently, and raised before the missing third shard is built
+    args.ode_steps, args.num_pairs = 3, 10
     capsys.readouterr()   # the builds' progress bars
     with pytest.raises(SystemExit) as e:
         dmd.build_pairs(tch, conds, args, shape, torch.device("cpu"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "2-step teacher ODE, not --ode-steps 3" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "pairs" / "shard_00002.pt")
 
 
 def test_two_processes_with_torchrun(tiny_teachers, tmp_path):
