@@ -556,9 +556,8 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
                  "give another --pairs-dir")
         return shard
 
-    for k in mine:   # the shards already there are checked before any is built: a mismatch costs no build
-        if k not in todo:
-            load(k)
+    # the shards already there are checked (and kept) before any is built: a mismatch costs no build
+    loaded = {k: load(k) for k in mine if k not in todo}
     if todo:
         writable_dir(args.pairs_dir, "--pairs-dir")
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="regression pairs (teacher ODE)",
@@ -578,7 +577,7 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
     bar.close()
     if world > 1:
         torch.distributed.barrier()
-    return [load(k) for k in range(n_shards)]
+    return [loaded[k] if k in loaded else load(k) for k in range(n_shards)]
 
 
 def take_pairs(shards, idx):
