@@ -143,7 +143,8 @@ def parse_args(argv=None):
     a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
     a("--compile", action="store_true", help="torch.compile the student")
     a("--seed", type=int, default=0, help="seed of every random draw")
-    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt; a --lr or --lr-disc "
+      "other than the checkpoint's applies from there on (a learning-rate decay by hand)")
     a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
       "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
     a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
@@ -1135,8 +1136,14 @@ def train(args, stop=None):
         try:
             student.load_state_dict(ck["student"])
             disc.heads.load_state_dict(ck["heads"])
-            opt_s.load_state_dict(ck["opt_s"])
-            opt_d.load_state_dict(ck["opt_d"])
+            for o, k in ((opt_s, "opt_s"), (opt_d, "opt_d")):
+                o.load_state_dict(ck[k])
+            for o, k in ((opt_s, "lr"), (opt_d, "lr_disc")):   # a new --lr / --lr-disc applies from the resumed step
+                lr, was = vars(args)[k], ck["args"].get(k)
+                for g in o.param_groups:
+                    g["lr"] = lr
+                if was != lr and rank == 0:
+                    print(f"--resume: --{k.replace('_', '-')} {was} -> {lr} from step {ck['step']}")
             step, history, skipped, bad_run = ck["step"], ck["history"], ck["skipped"], ck["bad_run"]
             if rank < len(ck["rng"]):
                 set_rng_state(ck["rng"][rank])

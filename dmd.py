@@ -133,7 +133,8 @@ def parse_args(argv=None):
     a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
     a("--compile", action="store_true", help="torch.compile the networks")
     a("--seed", type=int, default=0, help="seed of every random draw")
-    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt; a --lr or --lr-fake "
+      "other than the checkpoint's applies from there on (a learning-rate decay by hand)")
     a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
       "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
     a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
@@ -865,9 +866,16 @@ def train(args, stop=None):
         try:
             for n, k in zip(nets, ("gen", "fake")):
                 n.load_state_dict(ck[k])
-            for o, s, so, ss in zip(opts, scheds, ck["opts"], ck["scheds"]):
+            for o, s, so, ss, lr, k in zip(opts, scheds, ck["opts"], ck["scheds"], (args.lr, args.lr_fake),
+                                           ("lr", "lr_fake")):
                 o.load_state_dict(so)
                 s.load_state_dict(ss)
+                s.base_lrs = [lr] * len(o.param_groups)   # a new --lr / --lr-fake applies from the resumed step
+                for g in o.param_groups:
+                    g["initial_lr"], g["lr"] = lr, lr * min(1.0, (s.last_epoch + 1) / args.warmup)
+                s._last_lr = [g["lr"] for g in o.param_groups]
+                if ck["args"].get(k) != lr and rank == 0:
+                    print(f"--resume: --{k.replace('_', '-')} {ck['args'].get(k)} -> {lr} from step {ck['step']}")
             if ema is not None:
                 ema.load_state_dict(ck["ema"])
             step, history, skipped, bad_run = ck["step"], ck["history"], ck["skipped"], ck["bad_run"]

@@ -222,7 +222,7 @@ def test_ablation_flags_run(tiny_add_world, tmp_path, extra):
         assert h[0]["loss_adv"] == 0 and h[0]["loss_disc"] == 0 and h[0]["loss_distill"] > 0
 
 
-def test_resume_continues_exactly(tiny_add_world, tmp_path):
+def test_resume_continues_exactly(tiny_add_world, tmp_path, capsys):
     straight = run_add(tiny_add_world, tmp_path / "a", "pix", "cls", "--max-steps", "4")
     run_add(tiny_add_world, tmp_path / "b", "pix", "cls", "--max-steps", "2")
     resumed = run_add(tiny_add_world, tmp_path / "b", "pix", "cls", "--max-steps", "4", "--resume")
@@ -233,6 +233,11 @@ def test_resume_continues_exactly(tiny_add_world, tmp_path):
         for k in ca[part]:
             torch.testing.assert_close(ca[part][k], cb[part][k], rtol=0, atol=0)
     assert run_add(tiny_add_world, tmp_path / "c", "pix", "cls", "--max-steps", "4", "--seed", "1") != straight
+    # a new --lr on --resume applies from the resumed step (a learning-rate decay by hand), and says so
+    run_add(tiny_add_world, tmp_path / "b", "pix", "cls", "--max-steps", "5", "--resume", "--lr", "3e-6")
+    assert "--resume: --lr 1e-05 -> 3e-06 from step 4" in capsys.readouterr().out
+    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert cb["opt_s"]["param_groups"][0]["lr"] == 3e-6 and cb["opt_d"]["param_groups"][0]["lr"] == 1e-4
     # --max-minutes: stops after the step in which the time ran out, checkpointed and exported
     h = run_add(tiny_add_world, tmp_path / "t", "pix", "cls", "--max-steps", "50", "--max-minutes", "1e-9")
     assert [r["step"] for r in h] == [1] and (tmp_path / "t" / "student").is_dir()

@@ -272,7 +272,7 @@ def test_ablation_flags_run(tiny_teachers, tmp_path):
     assert not (tmp_path / "noreg" / "pairs").exists()
 
 
-def test_resume_continues_exactly(tiny_teachers, tmp_path):
+def test_resume_continues_exactly(tiny_teachers, tmp_path, capsys):
     """4 steps straight == 2 steps, stop, --resume, 2 more steps: same losses, same weights (both networks)."""
     common = ["--ema", "0.9", "--lr-fake", "1e-3", "--fake-updates", "2"]   # updates 2.. draw fresh samples
     straight = run_dmd(tmp_path / "a", tiny_teachers["vp_class"], "--max-steps", "4", *common)
@@ -288,6 +288,12 @@ def test_resume_continues_exactly(tiny_teachers, tmp_path):
     # and a one-step run differs (the comparison can fail)
     other = run_dmd(tmp_path / "c", tiny_teachers["vp_class"], "--max-steps", "4", "--seed", "1", *common)
     assert other != straight
+    # a new --lr on --resume applies from the resumed step (a learning-rate decay by hand), and says so
+    run_dmd(tmp_path / "b", tiny_teachers["vp_class"], "--max-steps", "5", "--resume", "--lr", "2e-5",
+            "--warmup", "1", *common)
+    assert "--resume: --lr 5e-05 -> 2e-05 from step 4" in capsys.readouterr().out
+    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert [(g["lr"], g["initial_lr"]) for o in cb["opts"] for g in o["param_groups"]] == [(2e-5, 2e-5), (1e-3, 1e-3)]
 
 
 @pytest.mark.parametrize("kind", ["sd", "vp_class"])
