@@ -1136,8 +1136,8 @@ def train(args, stop=None):
         try:
             student.load_state_dict(ck["student"])
             disc.heads.load_state_dict(ck["heads"])
-            for o, k in ((opt_s, "opt_s"), (opt_d, "opt_d")):
-                o.load_state_dict(ck[k])
+            opt_s.load_state_dict(ck["opt_s"])
+            opt_d.load_state_dict(ck["opt_d"])
             for o, k in ((opt_s, "lr"), (opt_d, "lr_disc")):   # a new --lr / --lr-disc applies from the resumed step
                 lr, was = vars(args)[k], ck["args"].get(k)
                 for g in o.param_groups:

@@ -871,11 +871,12 @@ def train(args, stop=None):
                 o.load_state_dict(so)
                 s.load_state_dict(ss)
                 s.base_lrs = [lr] * len(o.param_groups)   # a new --lr / --lr-fake applies from the resumed step
-                for g in o.param_groups:
-                    g["initial_lr"], g["lr"] = lr, lr * min(1.0, (s.last_epoch + 1) / args.warmup)
+                for g, warm in zip(o.param_groups, s.lr_lambdas):
+                    g["initial_lr"], g["lr"] = lr, lr * warm(s.last_epoch)
                 s._last_lr = [g["lr"] for g in o.param_groups]
-                if ck["args"].get(k) != lr and rank == 0:
-                    print(f"--resume: --{k.replace('_', '-')} {ck['args'].get(k)} -> {lr} from step {ck['step']}")
+                was = ck["args"].get(k)
+                if was != lr and rank == 0:
+                    print(f"--resume: --{k.replace('_', '-')} {was} -> {lr} from step {ck['step']}")
             if ema is not None:
                 ema.load_state_dict(ck["ema"])
             step, history, skipped, bad_run = ck["step"], ck["history"], ck["skipped"], ck["bad_run"]
