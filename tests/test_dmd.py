@@ -224,6 +224,36 @@ def test_regression_losses():
     assert seen["shape"] == (2, 3, 224, 224)
 
 
+def test_unweighted_lpips_is_the_lpips_package_without_its_heads():
+    """unweighted_lpips against the lpips package's own computation with lpips=False (its unit-weight 'baseline'),
+    on its AlexNet with random weights (the pretrained backbone is a download)."""
+    import lpips
+    torch.manual_seed(0)
+    ref = lpips.LPIPS(net="alex", lpips=False, pretrained=False, pnet_rand=True, verbose=False).eval()
+    x, y = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        want = ref(x, y).flatten()
+        got = dmd.unweighted_lpips(ref.net(ref.scaling_layer(x)), ref.net(ref.scaling_layer(y)))
+    assert got.shape == (3,) and torch.allclose(got, want, rtol=1e-5), (got, want)
+
+
+def test_effnet_regression_distance(tiny_teachers, tmp_path):
+    """--reg-loss effnet: zero between identical images, larger for larger changes, a gradient at pixels outside
+    [-1, 1], and a training run with it."""
+    torch.manual_seed(0)
+    fn = dmd.EfficientNetLPIPS(32)
+    a = torch.rand(2, 1, 32, 32) * 2 - 1
+    small, large = (dmd.regression_loss(a + s * torch.randn_like(a), a, "effnet", fn) for s in (0.05, 0.5))
+    assert dmd.regression_loss(a, a, "effnet", fn).item() == 0 and 0 < small < large
+    g = (a * 2).requires_grad_(True)
+    outside = g.detach().abs() > 1
+    (grad,) = torch.autograd.grad(dmd.regression_loss(g, a, "effnet", fn), g)
+    assert outside.any() and (grad[outside] != 0).all()
+    run_dmd(tmp_path, tiny_teachers["edm_uncond"], "--reg-loss", "effnet", "--effnet-size", "32", "--no-dm",
+            "--max-steps", "1")
+    assert (tmp_path / "generator" / "generator.json").exists()
+
+
 # ---------------------------------------------------------------- end to end on tiny teachers
 def run_dmd(out, teacher, *extra):
     argv = ["--teacher", teacher, "--output-dir", str(out), "--reg-loss", "l2", "--max-steps", "2",
@@ -314,6 +344,25 @@ def test_fake_updates_makes_n_fake_score_steps_per_generator_step(tiny_teachers,
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert [s["last_epoch"] for s in ck["scheds"]] == [2, 6]
     assert [o["state"][0]["step"].item() for o in ck["opts"]] == [2, 6]
+
+
+def test_reg_until_is_regression_then_a_no_reg_resume(tiny_teachers, tmp_path):
+    """--reg-until 2: regression at generator steps 0 and 1 (log rows 1, 2), distribution matching alone after,
+    the same networks bit for bit as 2 steps of full then --resume --no-reg; a text teacher's DM batch (G(z_ref)
+    included while regressing) shrinks back to the fresh samples."""
+    h = run_dmd(tmp_path / "a", tiny_teachers["vp_class"], "--reg-until", "2", "--max-steps", "3")
+    assert [r["loss_reg"] > 0 for r in h] == [True, True, False]
+    run_dmd(tmp_path / "b", tiny_teachers["vp_class"], "--max-steps", "2")
+    run_dmd(tmp_path / "b", tiny_teachers["vp_class"], "--max-steps", "3", "--no-reg", "--resume")
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("a", "b"))
+    assert a["step"] == b["step"] == 3
+    for net in ("gen", "fake"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+    h = run_dmd(tmp_path / "sd", tiny_teachers["sd"], "--reg-until", "1", "--resolution", "16")
+    assert [r["loss_reg"] > 0 for r in h] == [True, False]
+    with pytest.raises(SystemExit) as e:
+        dmd.parse_args(["--teacher", "x", "--reg-until", "5", "--no-reg"])
+    assert e.value.code == 2
 
 
 def test_teacher_json_missing_field_is_one_line_exit_2(tiny_teachers, tmp_path, capsys):
