@@ -179,7 +179,7 @@ def curve_figure(rows, path):
     teachers = sorted({k[0] for k in series}, key=lambda t: (t != DEFAULT_TEACHER, t))   # the default one first
     if not teachers:
         return
-    fig, axes = plt.subplots(len(teachers), 2, figsize=(10, 3.6 * len(teachers)), squeeze=False)
+    fig, axes = plt.subplots(len(teachers), 2, figsize=(13, 3.8 * len(teachers)), squeeze=False)
     for row, teacher in zip(axes, teachers):
         lines = sorted(k for k in series if k[0] == teacher)
         colours = plt.get_cmap("tab20" if len(lines) > 10 else "tab10")
@@ -187,23 +187,25 @@ def curve_figure(rows, path):
             _, method, name, seed, steps = k
             x = [int(r["train_steps"]) for r in series[k]]
             label = f"{method.upper()} {name}, seed {seed}, {steps} step{'s' if steps != '1' else ''}"
-            row[0].plot(x, [float(r["fd_fmnist"]) for r in series[k]], "o-", color=colours(n), label=label)
-            row[1].plot(x, [float(r["recall"]) for r in series[k]], "o-", color=colours(n), label=label)
+            style = dict(color=colours(n % 20), marker="os^D"[n // 20 % 4], ls=("-", "--", ":", "-.")[n // 20 % 4],
+                         ms=4, label=label)   # past 20 lines the colours repeat with another marker and dash
+            row[0].plot(x, [float(r["fd_fmnist"]) for r in series[k]], **style)
+            row[1].plot(x, [float(r["recall"]) for r in series[k]], **style)
         row[0].set_yscale("log")
         row[0].set_title(f"teacher {teacher}", fontsize=9)
         for ax, name in zip(row, ("FD_FMNIST (2000 vs 2000)", "recall (k = 3)")):
             ax.set_xlabel("training steps")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
-        row[1].legend(fontsize=7)
+        row[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("add", "full", 1), ("add", "full", 4),
-          ("add", "adv", 1), ("add", "adv", 4), ("add", "distill", 1), ("add", "from_dmd", 1),
-          ("add", "teacher_backbone", 1)]
+FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("dmd", "ode32", 1), ("dmd", "ode32_noreg", 1),
+          ("add", "full", 1), ("add", "full", 4), ("add", "adv", 1), ("add", "adv", 4), ("add", "distill", 1),
+          ("add", "from_dmd", 1), ("add", "teacher_backbone", 1)]
 
 
 @functools.cache
