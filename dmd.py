@@ -899,8 +899,12 @@ def train(args, stop=None):
     tch = load_teacher(args, device)
     conds = Conditions(tch, args, device)
     shape = sample_shape(tch, args)
-    lpips_fn = None   # no regression: --no-reg, or a resume at or past --reg-until
-    reg = not args.no_reg and not (ck is not None and args.reg_until and ck["step"] >= args.reg_until)
+    def regressing(step):
+        """Whether generator step `step` has the regression loss: not with --no-reg, nor at or past --reg-until."""
+        return not args.no_reg and not (args.reg_until and step >= args.reg_until)
+
+    lpips_fn = None
+    reg = regressing(0 if ck is None else ck["step"])
     if reg and args.reg_loss == "lpips":
         try:
             import lpips
@@ -991,7 +995,7 @@ def train(args, stop=None):
     t_start = time.time()
     stop.armed = True
     while step < args.max_steps:
-        if shards is not None and args.reg_until and step >= args.reg_until:   # --reg-until: DM alone from here
+        if shards is not None and not regressing(step):   # --reg-until: distribution matching alone from here
             shards, n_dm, lpips_fn = None, m, None
         t0 = time.time()
         sums = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_fake": 0.0}
