@@ -113,6 +113,18 @@ def parse_args(argv=None):
                                                   "the paper does not state one); NFSD uses 7.5 when left at 1")
     a("--student-timesteps", type=int, nargs="+", default=[999, 749, 499, 249],
       help="the N student timesteps (0-based); the first must be 999 (pure noise, zero terminal SNR)")
+    a("--student-timestep-probs", type=float, nargs="+", default=None, metavar="P", help="deviation: probabilities "
+      "of the student timesteps, in their order (default: uniform, as the paper; LADD puts 0.7 on the pure-noise step)")
+    a("--lambda-pair", type=float, default=0.0, help="deviation (DMD's Eq. 9 regression, AMD's recipe): weight of a "
+      "paired term at the pure-noise student step: those rows take a pair's noise z as input and are pulled to the "
+      "teacher's ODE output y(z) (squared L2 summed over pixels, as Eq. 4's d); 0 = off (the paper)")
+    a("--pairs", type=int, default=10_000, dest="num_pairs", help="--lambda-pair: how many (z, y(z)) pairs, built "
+      "once with the teacher's deterministic Heun ODE (as dmd.py's regression pairs)")
+    a("--ode-steps", type=int, default=32, help="--lambda-pair: Heun steps of the teacher ODE that builds the pairs")
+    a("--pairs-dir", default=None, help="--lambda-pair: where the pair shards are built (resumably) and reused by "
+      "later runs of the same teacher (default OUTPUT_DIR/pairs)")
+    a("--disc-updates", type=int, default=1, help="deviation: discriminator updates per student update, each after "
+      "the first on fresh student samples and real images (paper: 1; LADD-style runs use 4 to 8)")
     a("--student-init", default="teacher", help="Table 1c: student initialisation, teacher | random, or a "
       "dmd.py generator folder of the same teacher (a varied one-step start; not in the paper)")
     a("--disc-backbone", default="facebook/dinov2-small", help="frozen feature network: a DINOv2 hub id or local "
@@ -159,7 +171,7 @@ def parse_args(argv=None):
         p.error("--max-minutes, --max-bad-steps and --export-every must be >= 0")
     args.resume = args.resume or args.resume_from is not None
     for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size",
-              "synthetic_images", "synthetic_steps", "shard_size"):
+              "synthetic_images", "synthetic_steps", "shard_size", "num_pairs", "ode_steps", "disc_updates"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     args.diffaug = [] if args.diffaug == "none" else args.diffaug.split(",")
@@ -172,6 +184,13 @@ def parse_args(argv=None):
     ts = args.student_timesteps
     if ts[0] != 999 or sorted(set(ts), reverse=True) != ts or ts[-1] < 0:
         p.error("--student-timesteps must start at 999 and strictly decrease to >= 0")
+    probs = args.student_timestep_probs
+    if probs is not None and (len(probs) != len(ts) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6):
+        p.error(f"--student-timestep-probs: give {len(ts)} probabilities >= 0 (one per student timestep) that sum to 1")
+    if args.lambda_pair < 0:
+        p.error("--lambda-pair must be >= 0")
+    if args.lambda_pair and probs is not None and probs[0] == 0:
+        p.error("--lambda-pair acts at the pure-noise student step, whose --student-timestep-probs is 0")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is visible")
@@ -180,6 +199,7 @@ def parse_args(argv=None):
     if args.data in (None, "synthetic") and not os.path.isfile(args.prompts):
         p.error(f"--prompts {args.prompts}: no such file")
     args.data_dir = args.data_dir or os.path.join(args.output_dir, "synthetic")
+    args.pairs_dir = args.pairs_dir or os.path.join(args.output_dir, "pairs")
     return args
 
 
@@ -247,6 +267,23 @@ def nfsd_target(x_hat, eps_u, eps_c, eps_neg, alpha, sigma, t, guidance):
     return x_hat - sigma / alpha * (delta_d + guidance * (eps_c - eps_u))
 
 
+def paired_loss(x_hat, y, rows):
+    """Deviation --lambda-pair (DMD Eq. 9's regression; AMD's recipe): at the pure-noise student step, the output from
+    a pair's noise z against the teacher's ODE output y(z), d = squared L2 summed over pixels as in Eq. 4, averaged
+    over the batch: E[1{s = T} d(x_hat, y)]. x_hat, y: (B, ...); rows: (B,) bool, True where s = T. The other
+    rows add zero and get no gradient (their y is ignored)."""
+    d = (x_hat.float() - y.detach().float()).pow(2).flatten(1).sum(1)
+    return torch.where(rows, d, torch.zeros_like(d)).mean()
+
+
+def student_step_indices(n, count, probs=None, device=None):
+    """ADD Sec. 3.1: which of the `count` student timesteps each of n rows is noised at, (n,) indices: uniform (the
+    paper), or drawn with probabilities `probs` (--student-timestep-probs; LADD puts 0.7 on the pure-noise step)."""
+    if probs is None:
+        return torch.randint(0, count, (n,), device=device)
+    return torch.multinomial(torch.tensor(probs, dtype=torch.float64), n, replacement=True).to(device)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Teacher (frozen) and the student's schedule; text encoders; latents <-> pixels
 # ----------------------------------------------------------------------------------------------------------
@@ -261,12 +298,14 @@ class Teacher:
         self.alpha, self.sigma = abar.sqrt().float(), (1 - abar).sqrt().float()
         zt = rescale_zero_terminal_snr(abar)
         self.zt_alpha, self.zt_sigma = zt.sqrt().float(), (1 - zt).sqrt().float()
+        clamped = abar.double().clamp(min=2.0 ** -24)   # the ODE's r_max = sigma / alpha stays finite (as dmd.py)
+        self.log_r = ((1 - clamped) / clamped).sqrt().log()   # (T,) log(sigma_t / alpha_t), ascending
         self.num_classes, self.text, self.xl = num_classes, bool(encoders), len(encoders) == 2
         if prediction_type == "epsilon" and self.alpha[-1] == 0:
             fail("an eps-prediction teacher whose own schedule ends at alpha = 0 cannot be read at t = T - 1")
 
     def to(self, device):
-        for k in ("alpha", "sigma", "zt_alpha", "zt_sigma"):
+        for k in ("alpha", "sigma", "zt_alpha", "zt_sigma", "log_r"):
             setattr(self, k, getattr(self, k).to(device))
         for m in [self.unet, self.vae, *self.encoders]:
             if m is not None:
@@ -308,6 +347,28 @@ class Teacher:
         """The noise prediction eps_hat (for NFSD), from any parametrisation."""
         a, s = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
         return (x_t - a * self.x0(net, x_t, t, cond, res)) / s
+
+    @torch.no_grad()
+    def heun_sample(self, z, cond, steps, uncond=None):
+        """The teacher's deterministic ODE sample from noise z (the pairs' y, as dmd.py's): heun_ode on its x0
+        prediction at the fractional step t whose noise ratio sigma_t / alpha_t is r (log r linear between the
+        table's steps; the UNet takes fractional t). Pixel teachers (no guidance: uncond unused). z: (B, C, H, W)."""
+        T = len(self.log_r)
+
+        def D(x, r):
+            lr = min(max(math.log(r), self.log_r[0].item()), self.log_r[-1].item())
+            i = min(max(int(torch.searchsorted(self.log_r, torch.tensor(lr, dtype=self.log_r.dtype,
+                                                                      device=self.log_r.device))), 1), T - 1)
+            step = (self.log_r[i] - self.log_r[i - 1]).item()
+            t = float(i) if step == 0 else i - 1 + (lr - self.log_r[i - 1].item()) / step
+            lo = min(int(t), T - 2)
+            r_t = (self.log_r[lo] + (t - lo) * (self.log_r[lo + 1] - self.log_r[lo])).exp().item()
+            a = 1 / math.sqrt(1 + r_t ** 2)
+            tt = torch.full((len(x),), t, device=x.device)
+            out = self.output(self.unet, a * x, tt, cond, x.shape[-1])
+            return x0_from_output(out, a * x, a, r_t * a, self.prediction_type)
+
+        return heun_ode(D, z, self.log_r[0].exp().item(), self.log_r[-1].exp().item(), steps)
 
     def c_text(self, cond):
         """c_text for the discriminator: the pooled text embedding, or the teacher's class embedding."""
@@ -540,6 +601,146 @@ class SyntheticData:
     def batch(self, n, generator=None):
         rows = [divmod(i, self.size) for i in torch.randint(0, len(self), (n,), generator=generator).tolist()]
         return torch.stack([self.shards[k]["x0"][r] for k, r in rows]), [self.shards[k]["prompts"][r] for k, r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Regression pairs (deviation --lambda-pair): (z, y(z)) from the teacher's Heun ODE, built once as dmd.py's
+# ----------------------------------------------------------------------------------------------------------
+class PairConditions:
+    """What the copied build_pairs needs of the conditioning: draw(n, generator) -> class ids (or None), embed(ids)
+    -> the teacher's conditioning; no unconditional embedding (pixel teachers take no guidance)."""
+
+    def __init__(self, tch, device):
+        self.num_classes, self.device, self.uncond = tch.num_classes, device, None
+
+    def draw(self, n, generator=None):
+        return torch.randint(0, self.num_classes, (n,), generator=generator) if self.num_classes else None
+
+    def embed(self, ids):
+        return {} if ids is None else {"labels": ids.to(self.device)}
+
+
+class PairSampler:
+    """Pairs for the pure-noise rows of a batch: each row gets a pair of its own class (so the discriminator's real
+    and fake rows share their conditioning), drawn with the torch RNG (checkpointed: --resume repeats them)."""
+
+    def __init__(self, shards, num_pairs, num_classes):
+        self.shards, self.num_pairs = shards, num_pairs
+        ids = torch.cat([s["ids"] for s in shards])[:num_pairs] if num_classes else None
+        self.by_class = None if ids is None else [(ids == k).nonzero()[:, 0] for k in range(num_classes)]
+        empty = [k for k in range(num_classes) if ids is not None and not len(self.by_class[k])]
+        if empty:
+            fail(f"--pairs {num_pairs}: no pair of class {empty[0]} among them; give more --pairs")
+
+    def draw(self, labels):
+        """labels: the class of each pure-noise row (or None: unconditional) -> z, y of as many pairs."""
+        if self.by_class is None:
+            idx = torch.randint(0, self.num_pairs, (len(labels),))
+        else:
+            idx = torch.stack([self.by_class[k][torch.randint(0, len(self.by_class[k]), ())] for k in labels])
+        z, y, _ = take_pairs(self.shards, idx)
+        return z, y
+
+
+# Copied from dmd.py: karras_sigmas
+def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM (Karras et al. 2022) Eq. 5 noise levels, ascending: sigma_0 = sigma_min ... sigma_{n-1} = sigma_max
+    (n = 1: sigma_max alone, so a 1-step sampler starts from pure noise)."""
+    if n == 1:
+        return torch.tensor([float(sigma_max)], dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64) / (n - 1)
+    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
+# Copied from dmd.py: heun_ode
+@torch.no_grad()
+def heun_ode(denoise, z, r_min, r_max, steps, rho=7.0):
+    """EDM Algorithm 1 (deterministic Heun, S_churn = 0) on the probability-flow ODE in the variables
+    x~ = x / alpha, r = sigma / alpha (for EDM these are x and sigma): dx~/dr = (x~ - D(x~; r)) / r, from
+    x~ = z r_max to r = 0 over `steps` Karras-spaced levels (2 steps - 1 calls of denoise(x~, r) -> x0_hat)."""
+    rs = karras_sigmas(steps, r_min, r_max, rho).flip(0).tolist() + [0.0]
+    x = z * r_max
+    for r, r_next in zip(rs[:-1], rs[1:]):
+        d = (x - denoise(x, r)) / r
+        x_next = x + (r_next - r) * d
+        if r_next > 0:
+            x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
+        x = x_next
+    return x
+
+
+# Copied from dmd.py: teacher_fingerprint
+def teacher_fingerprint(net):
+    """A short hash of a network's weights (each tensor's name, shape and float64 sum to 7 digits, so that devices
+    agree): which teacher built a pair shard."""
+    import hashlib
+    h = hashlib.sha1()
+    for k, v in net.state_dict().items():
+        h.update(f"{k}{tuple(v.shape)}{v.double().sum().item():.6e}".encode())
+    return h.hexdigest()[:12]
+
+
+# Copied from dmd.py: build_pairs
+def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
+    """The regression set D = {(z_i, y_i)} of DMD Sec. 3.3: y = the teacher's deterministic ODE (Heun) from z.
+    Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
+    kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps or by another
+    teacher (teacher_fingerprint) is an error, found before anything is built.
+    Returns the shards, memory-mapped."""
+    from tqdm import tqdm
+    n_shards, mark = math.ceil(args.num_pairs / args.shard_size), teacher_fingerprint(tch.unet)
+    path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
+    mine = [k for k in range(n_shards) if k % world == rank]
+    todo = [k for k in mine if not os.path.exists(path(k))]
+
+    def load(k):
+        try:
+            shard = torch.load(path(k), mmap=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated or foreign: either way rebuilt once deleted
+            fail(f"{path(k)} cannot be read ({' '.join(str(e).split())[:120]}): delete it and it is rebuilt")
+        built = shard.get("ode_steps", args.ode_steps)   # shards written before this field: not checked
+        if built != args.ode_steps:
+            fail(f"{path(k)} holds pairs of a {built}-step teacher ODE, not --ode-steps {args.ode_steps}: "
+                 "give another --pairs-dir")
+        if shard.get("teacher", mark) != mark:   # shards written before this field: not checked
+            fail(f"{path(k)} holds pairs of another teacher (fingerprint {shard['teacher']}, this one {mark}): "
+                 "give another --pairs-dir")
+        return shard
+
+    # the shards already there are checked (and kept) before any is built: a mismatch costs no build
+    loaded = {k: load(k) for k in mine if k not in todo}
+    if todo:
+        writable_dir(args.pairs_dir, "--pairs-dir")
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="regression pairs (teacher ODE)",
+               unit="shard", disable=rank != 0 or not todo, file=sys.stderr)
+    for k in todo:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
+        n = min(args.shard_size, args.num_pairs - k * args.shard_size)
+        z, ids = torch.randn((n, *shape), generator=g), conds.draw(n, g)
+        ys = []
+        for i in range(0, n, args.micro_batch):
+            c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
+            with autocast(args):
+                ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
+        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark},
+                   path(k) + ".tmp")
+        os.replace(path(k) + ".tmp", path(k))
+        bar.update()
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return [loaded[k] if k in loaded else load(k) for k in range(n_shards)]
+
+
+# Copied from dmd.py: take_pairs
+def take_pairs(shards, idx):
+    """Rows idx (global indices) of the shard list -> z, y, ids (ids None if unconditional)."""
+    size = len(shards[0]["z"])
+    rows = [(shards[i // size], i % size) for i in idx.tolist()]
+    z = torch.stack([s["z"][r] for s, r in rows])
+    y = torch.stack([s["y"][r] for s, r in rows])
+    ids = None if shards[0]["ids"] is None else torch.stack([s["ids"][r] for s, r in rows])
+    return z, y, ids
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1112,6 +1313,12 @@ def train(args, stop=None):
             if not tch.text else 0
         if tch.num_classes and top >= tch.num_classes:
             fail(f"--data {args.data} has class {top}, but the teacher knows {tch.num_classes} classes")
+    pairs = None
+    if args.lambda_pair:   # deviation: the teacher's ODE pairs (z, y(z)) for the pure-noise rows
+        if tch.text or tch.vae is not None:
+            fail("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
+        shards = build_pairs(tch, PairConditions(tch, device), args, shape, device, rank, world)
+        pairs = PairSampler(shards, args.num_pairs, tch.num_classes)
     student = copy.deepcopy(tch.unet).requires_grad_(True).train()
     if args.student_init == "random":
         student = type(tch.unet).from_config(tch.unet.config).to(device).train()
@@ -1185,6 +1392,33 @@ def train(args, stop=None):
     def features(x, cond):   # what each head k reads: F_k(DiffAugment(x)); x: pixels, or latents for on_teacher
         return feat(diff_augment(x, args.diffaug), cond)[0]
 
+    def student_batch():
+        """Step 1: real x_0 (or the teacher's own latents), noised at a student timestep s (zero terminal SNR),
+        denoised by the student. With --lambda-pair the pure-noise rows take a pair's noise z (x_s = z at s = T) and
+        y(z) as their target. -> real (the discriminator's real input), cond, x_hat, img_hat, c, y, at_noise."""
+        batch, raw = data.batch(m)
+        batch, cond = batch.to(device), conditioning(raw)
+        with torch.no_grad():
+            x0, img0 = (batch, None if on_teacher else tch.decode(batch).clamp(-1, 1)) if data.latent else \
+                (tch.encode_images(batch), batch)
+            real = x0 if on_teacher else img0
+            c_img = feat(real, cond, torch.zeros(m, dtype=torch.long, device=device))[1] \
+                if args.disc_cond in ("img", "both") else None   # c_img of the clean x_0 (t = 0)
+        s = ts[student_step_indices(m, len(ts), args.student_timestep_probs, device)]
+        eps, y, at_noise = torch.randn_like(x0), None, s == ts[0]
+        if pairs is not None and at_noise.any():
+            rows = at_noise.nonzero()[:, 0].cpu()
+            z_ref, y_ref = pairs.draw([raw[i] for i in rows.tolist()] if tch.num_classes else [None] * len(rows))
+            eps[rows.to(device)] = z_ref.to(device, eps.dtype)
+            y = torch.zeros_like(x0)
+            y[rows.to(device)] = y_ref.to(device, y.dtype)
+        x_s = add_noise(x0, eps, tch.zt_alpha[s].view(-1, 1, 1, 1), tch.zt_sigma[s].view(-1, 1, 1, 1))
+        x_hat = tch.x0(run_student, x_s, s, cond, res)
+        img_hat = tch.decode(x_hat) if use_distill or not on_teacher or pairs is not None else None   # pixels
+        keep_img = s != ts[0] if args.img_cond_at_noise == "drop" else None   # no c_img at pure noise
+        c = disc_condition(args.disc_cond, tch.c_text(cond), c_img, keep_img)
+        return real, cond, x_hat, img_hat, c, y, at_noise
+
     def checkpoint():
         rngs = rng_states(world)
         if rank == 0:
@@ -1199,29 +1433,16 @@ def train(args, stop=None):
     stop.armed = True
     while step < args.max_steps:
         t0 = time.time()
-        sums = {"loss_adv": 0.0, "loss_distill": 0.0, "loss_disc": 0.0, "r1": 0.0}
+        sums = {"loss_adv": 0.0, "loss_distill": 0.0, "loss_disc": 0.0, "r1": 0.0} | \
+            ({"loss_pair": 0.0} if pairs is not None else {})
         stash = []
         opt_s.zero_grad(set_to_none=True)
         for k in range(accum):
             sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_student.no_sync()
             with sync, autocast(args):
                 # 1. real x_0 (or the teacher's own latents), noised at a student timestep s (zero terminal SNR),
-                #    denoised by the student
-                batch, raw = data.batch(m)
-                batch, cond = batch.to(device), conditioning(raw)
-                with torch.no_grad():
-                    x0, img0 = (batch, None if on_teacher else tch.decode(batch).clamp(-1, 1)) if data.latent else \
-                        (tch.encode_images(batch), batch)
-                    real = x0 if on_teacher else img0
-                    c_img = feat(real, cond, torch.zeros(m, dtype=torch.long, device=device))[1] \
-                        if args.disc_cond in ("img", "both") else None   # c_img of the clean x_0 (t = 0)
-                s = ts[torch.randint(0, len(ts), (m,), device=device)]
-                x_s = add_noise(x0, torch.randn_like(x0), tch.zt_alpha[s].view(-1, 1, 1, 1),
-                                tch.zt_sigma[s].view(-1, 1, 1, 1))
-                x_hat = tch.x0(run_student, x_s, s, cond, res)
-                img_hat = tch.decode(x_hat) if use_distill or not on_teacher else None   # pixels, with gradients
-                keep_img = s != ts[0] if args.img_cond_at_noise == "drop" else None   # no c_img at pure noise
-                c = disc_condition(args.disc_cond, tch.c_text(cond), c_img, keep_img)
+                #    denoised by the student (student_batch)
+                real, cond, x_hat, img_hat, c, y, at_noise = student_batch()
                 loss = x_hat.new_zeros((), dtype=torch.float32)
                 if use_adv:
                     # 2. adversarial loss (Eq. 2) through the frozen feature network
@@ -1249,20 +1470,33 @@ def train(args, stop=None):
                     loss_distill = score_distillation_loss(img_hat, target_img, c_t)
                     loss = loss + args.lambda_distill * loss_distill
                     sums["loss_distill"] += loss_distill.item() / accum
+                if y is not None:
+                    # 3b. deviation --lambda-pair: the pure-noise rows against the teacher's ODE output y(z)
+                    loss_pair = paired_loss(img_hat, y, at_noise)
+                    loss = loss + args.lambda_pair * loss_pair
+                    sums["loss_pair"] += loss_pair.item() / accum
                 # 4. L = L_adv^G + lambda L_distill (Eq. 1)
                 (loss / accum).backward()
             stash.append((real, (x_hat if on_teacher else img_hat).detach(), c, cond))
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         bad = nonfinite({"loss_adv": sums["loss_adv"], "loss_distill": sums["loss_distill"],
-                         "student gradient norm": norm}, world, device)
+                         "loss_pair": sums.get("loss_pair", 0.0), "student gradient norm": norm}, world, device)
         if not bad:   # no update from a nan / inf loss or gradient norm
             opt_s.step()
-        if use_adv:
-            # 5. discriminator: hinge on real x_0 vs student samples, R1 on each head's (real) input (Eq. 3)
+        for j in range(args.disc_updates if use_adv else 0):
+            # 5. discriminator: hinge on real x_0 vs student samples, R1 on each head's (real) input (Eq. 3); with
+            #    --disc-updates N, updates 2..N each on fresh real images and samples of the updated student
             opt_d.zero_grad(set_to_none=True)
-            for k, (real, fake, c, cond) in enumerate(stash):
+            loss_d, loss_r1 = 0.0, 0.0
+            for k in range(accum):
                 sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_heads.no_sync()
                 with sync, autocast(args):
+                    if j == 0:
+                        real, fake, c, cond = stash[k]
+                    else:
+                        with torch.no_grad():
+                            real, cond, x_hat, img_hat, c, _, _ = student_batch()
+                            fake = x_hat if on_teacher else img_hat
                     with torch.no_grad():
                         f_real, f_fake = features(real, cond), features(fake, cond)
                     f_real = [f.requires_grad_(True) for f in f_real]   # R1 on each head's (augmented) input
@@ -1270,11 +1504,12 @@ def train(args, stop=None):
                     hinge = hinge_discriminator_loss(real_logits, run_heads(f_fake, c))
                     r1 = r1_penalty(real_logits, f_real)
                     ((hinge + args.r1_gamma * r1) / accum).backward()
-                sums["loss_disc"] += hinge.item() / accum
-                sums["r1"] += r1.item() / accum
+                loss_d += hinge.item() / accum
+                loss_r1 += r1.item() / accum
+            sums["loss_disc"] += loss_d / args.disc_updates
+            sums["r1"] += loss_r1 / args.disc_updates
             norm = torch.nn.utils.clip_grad_norm_(disc.heads.parameters(), args.grad_clip)
-            bad_d = nonfinite({"loss_disc": sums["loss_disc"], "r1": sums["r1"], "head gradient norm": norm},
-                              world, device)
+            bad_d = nonfinite({"loss_disc": loss_d, "r1": loss_r1, "head gradient norm": norm}, world, device)
             if not bad_d:
                 opt_d.step()
             bad = bad or bad_d

@@ -426,25 +426,30 @@ class Teacher:
 
     @torch.no_grad()
     def heun_sample(self, z, cond, steps, uncond=None, rho=7.0):
-        """EDM Algorithm 1 (deterministic Heun, S_churn = 0) on the probability-flow ODE in the variables
-        x~ = x / alpha, r = sigma / alpha (for EDM these are x and sigma): dx~/dr = (x~ - D(x~; r)) / r, from
-        r_max = r_{T-1} to 0 over `steps` Karras-spaced levels (2 steps - 1 teacher calls). z: (B, C, H, W)."""
-        r_min, r_max = self.log_r[0].exp().item(), self.log_r[-1].exp().item()
-        rs = karras_sigmas(steps, r_min, r_max, rho).flip(0).tolist() + [0.0]
-
+        """The teacher's deterministic ODE sample from noise z: heun_ode on its denoiser read at the noise ratio
+        r = sigma / alpha (the fractional step t_of_ratio(r)), from r_max = r_{T-1}. z: (B, C, H, W)."""
         def D(x, r):
             t = torch.full((len(x),), self.t_of_ratio(r), device=x.device)
             alpha = self.alpha_sigma(t)[0].to(x.device).view(-1, 1, 1, 1)
             return self.mu_real(alpha * x, t, cond, uncond)
 
-        x = z * r_max
-        for r, r_next in zip(rs[:-1], rs[1:]):
-            d = (x - D(x, r)) / r
-            x_next = x + (r_next - r) * d
-            if r_next > 0:
-                x_next = x + (r_next - r) * (d + (x_next - D(x_next, r_next)) / r_next) / 2
-            x = x_next
-        return x
+        return heun_ode(D, z, self.log_r[0].exp().item(), self.log_r[-1].exp().item(), steps, rho)
+
+
+@torch.no_grad()
+def heun_ode(denoise, z, r_min, r_max, steps, rho=7.0):
+    """EDM Algorithm 1 (deterministic Heun, S_churn = 0) on the probability-flow ODE in the variables
+    x~ = x / alpha, r = sigma / alpha (for EDM these are x and sigma): dx~/dr = (x~ - D(x~; r)) / r, from
+    x~ = z r_max to r = 0 over `steps` Karras-spaced levels (2 steps - 1 calls of denoise(x~, r) -> x0_hat)."""
+    rs = karras_sigmas(steps, r_min, r_max, rho).flip(0).tolist() + [0.0]
+    x = z * r_max
+    for r, r_next in zip(rs[:-1], rs[1:]):
+        d = (x - denoise(x, r)) / r
+        x_next = x + (r_next - r) * d
+        if r_next > 0:
+            x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
+        x = x_next
+    return x
 
 
 def _from_pretrained(cls, where, flag="--teacher", **kw):
@@ -600,11 +605,11 @@ def sample_shape(tch, args):
 def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
     """The regression set D = {(z_i, y_i)} of DMD Sec. 3.3: y = the teacher's deterministic ODE (Heun) from z.
     Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
-    kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps is an error, found
-    before anything is built.
+    kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps or by another
+    teacher (teacher_fingerprint) is an error, found before anything is built.
     Returns the shards, memory-mapped."""
     from tqdm import tqdm
-    n_shards = math.ceil(args.num_pairs / args.shard_size)
+    n_shards, mark = math.ceil(args.num_pairs / args.shard_size), teacher_fingerprint(tch.unet)
     path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
     mine = [k for k in range(n_shards) if k % world == rank]
     todo = [k for k in mine if not os.path.exists(path(k))]
@@ -617,6 +622,9 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
         built = shard.get("ode_steps", args.ode_steps)   # shards written before this field: not checked
         if built != args.ode_steps:
             fail(f"{path(k)} holds pairs of a {built}-step teacher ODE, not --ode-steps {args.ode_steps}: "
+                 "give another --pairs-dir")
+        if shard.get("teacher", mark) != mark:   # shards written before this field: not checked
+            fail(f"{path(k)} holds pairs of another teacher (fingerprint {shard['teacher']}, this one {mark}): "
                  "give another --pairs-dir")
         return shard
 
@@ -635,13 +643,24 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
             c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
             with autocast(args):
                 ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
-        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps}, path(k) + ".tmp")
+        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark},
+                   path(k) + ".tmp")
         os.replace(path(k) + ".tmp", path(k))
         bar.update()
     bar.close()
     if world > 1:
         torch.distributed.barrier()
     return [loaded[k] if k in loaded else load(k) for k in range(n_shards)]
+
+
+def teacher_fingerprint(net):
+    """A short hash of a network's weights (each tensor's name, shape and float64 sum to 7 digits, so that devices
+    agree): which teacher built a pair shard."""
+    import hashlib
+    h = hashlib.sha1()
+    for k, v in net.state_dict().items():
+        h.update(f"{k}{tuple(v.shape)}{v.double().sum().item():.6e}".encode())
+    return h.hexdigest()[:12]
 
 
 def take_pairs(shards, idx):
