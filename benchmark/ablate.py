@@ -12,7 +12,8 @@ arguments of benchmark/fmnist.py, then the extra flags, resuming if interrupted)
 steps (--export-every) and at the end; every export is scored at each of --sampling-steps: eval.py generate
 (--num samples, fixed seed) and eval.py domain against as many Fashion-MNIST test images. One row per (export,
 sampling steps) goes to benchmark/results/cpu/ablations.csv; a row already there is not scored again. DMD runs
-share one set of regression pairs per teacher (runs/ablate/dmd_pairs, seed 0). Another --teacher works in folders
+share one set of regression pairs per teacher (runs/ablate/dmd_pairs, seed 0), ADD runs with --lambda-pair one per
+pair count and ODE steps (runs/ablate/add_pairs4096_ode32). Another --teacher works in folders
 named after it (runs/ablate/dmd_full_fmnist-cpu-uncond_seed0); an unconditional teacher's rows carry class coverage
 (and the predicted-class shares) instead of class accuracy. Set OMP_NUM_THREADS to run two at once.
 """
@@ -117,6 +118,10 @@ def main(argv=None):
         cmd = f"dmd.py --teacher {args.teacher} --pairs-dir {pairs}"
     else:
         cmd = f"add.py --teacher {args.teacher} --data fashion-mnist"
+        if "--lambda-pair" in args.extra:   # ADD's pairs: one set per teacher, pair count and ODE steps (seed 0)
+            n, ode = (re.findall(rf"--{f}[ =](\d+)", args.extra) for f in ("pairs", "ode-steps"))
+            name = f"add_pairs{n[-1] if n else 10000}_ode{ode[-1] if ode else 32}"
+            cmd += f" --pairs-dir {os.path.join(args.out, tagged(args, name))}"
     wall_file = os.path.join(run_dir, "wall_s")
     if not os.path.exists(final):
         resume = " --resume" if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else ""
