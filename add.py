@@ -191,6 +191,8 @@ def parse_args(argv=None):
         p.error("--lambda-pair must be >= 0")
     if args.lambda_pair and probs is not None and probs[0] == 0:
         p.error("--lambda-pair acts at the pure-noise student step, whose --student-timestep-probs is 0")
+    if args.lambda_pair and (args.teacher in HUB or os.path.exists(os.path.join(args.teacher, "model_index.json"))):
+        p.error("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is visible")
@@ -272,8 +274,9 @@ def paired_loss(x_hat, y, rows):
     a pair's noise z against the teacher's ODE output y(z), d = squared L2 summed over pixels as in Eq. 4, averaged
     over the batch: E[1{s = T} d(x_hat, y)]. x_hat, y: (B, ...); rows: (B,) bool, True where s = T. The other
     rows add zero and get no gradient (their y is ignored)."""
-    d = (x_hat.float() - y.detach().float()).pow(2).flatten(1).sum(1)
-    return torch.where(rows, d, torch.zeros_like(d)).mean()
+    x_hat = x_hat.float()
+    y = torch.where(rows.view(-1, *[1] * (x_hat.dim() - 1)), y.detach().float(), x_hat.detach())   # others: d = 0
+    return (x_hat - y).pow(2).flatten(1).sum(1).mean()
 
 
 def student_step_indices(n, count, probs=None, device=None):
@@ -1315,7 +1318,7 @@ def train(args, stop=None):
             fail(f"--data {args.data} has class {top}, but the teacher knows {tch.num_classes} classes")
     pairs = None
     if args.lambda_pair:   # deviation: the teacher's ODE pairs (z, y(z)) for the pure-noise rows
-        if tch.text or tch.vae is not None:
+        if tch.text or tch.vae is not None:   # a hub id of a text-to-image teacher (local ones: parse_args)
             fail("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
         shards = build_pairs(tch, PairConditions(tch, device), args, shape, device, rank, world)
         pairs = PairSampler(shards, args.num_pairs, tch.num_classes)

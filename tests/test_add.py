@@ -250,7 +250,7 @@ def _functions(path):
             if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
 
-@pytest.mark.parametrize("path,least", [("add.py", 15), ("benchmark/fmnist.py", 1), ("eval.py", 1), ("sample.py", 1),
+@pytest.mark.parametrize("path,least", [("add.py", 20), ("benchmark/fmnist.py", 1), ("eval.py", 1), ("sample.py", 1),
                                         ("teacher.py", 10), ("toy2d.py", 1)])
 def test_helpers_copied_from_dmd_are_identical(path, least):
     """Every `# Copied from dmd.py: name` in the file is followed by a definition identical to dmd.py's."""
@@ -263,7 +263,7 @@ def test_helpers_copied_from_dmd_are_identical(path, least):
 
 
 @pytest.mark.parametrize("case", ["no_teacher", "no_data", "timesteps", "nfsd_class", "batch", "pixel_no_data",
-                                  "diffaug"])
+                                  "diffaug", "probs_negative", "probs_sum", "pair_never", "pair_text", "disc_updates"])
 def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
     w = tiny_add_world
     argv, msg = {"no_teacher": (["--teacher", str(tmp_path), "--data", w["cls"]], "no diffusers model"),
@@ -276,7 +276,16 @@ def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
                            "not a multiple"),
                  "pixel_no_data": (["--teacher", w["pix"]], "a pixel teacher needs --data"),
                  "diffaug": (["--teacher", w["pix"], "--data", w["cls"], "--diffaug", "color,flip"],
-                             "--diffaug: unknown policy 'flip'")}[case]
+                             "--diffaug: unknown policy 'flip'"),
+                 "probs_negative": (["--teacher", w["pix"], "--data", w["cls"], "--student-timestep-probs", "1.2",
+                                     "-0.2", "0", "0"], "--student-timestep-probs: give 4 probabilities >= 0"),
+                 "probs_sum": (["--teacher", w["pix"], "--data", w["cls"], "--student-timestep-probs", "0.5", "0.1",
+                                "0.1", "0.1"], "that sum to 1"),
+                 "pair_never": (["--teacher", w["pix"], "--data", w["cls"], "--lambda-pair", "1",
+                                 "--student-timestep-probs", "0", "0.5", "0.5", "0"], "whose --student-timestep-probs"),
+                 "pair_text": (["--teacher", w["sd"], "--data", w["caps"], "--lambda-pair", "1"], "pixel teachers"),
+                 "disc_updates": (["--teacher", w["pix"], "--data", w["cls"], "--disc-updates", "0"],
+                                  "--disc-updates must be >= 1")}[case]
     with pytest.raises(SystemExit) as e:
         add.main([*argv, "--disc-backbone", w["dino"], "--device", "cpu", "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -462,3 +471,66 @@ def test_student_init_from_a_dmd_generator_folder(tiny_add_world, tmp_path, caps
     err = capsys.readouterr().err
     assert e.value.code == 2 and "not teacher, random or a dmd.py generator folder" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_student_timestep_probabilities_are_honoured():
+    """A counting test: 200k draws land on each student timestep at its --student-timestep-probs rate (the binomial
+    standard deviation is <= 0.0011), and without probabilities uniformly."""
+    torch.manual_seed(0)
+    n = 200_000
+    for probs in ([0.7, 0.1, 0.1, 0.1], [0.0, 0.5, 0.25, 0.25], None):
+        counts = torch.bincount(add.student_step_indices(n, 4, probs), minlength=4).double() / n
+        want = torch.tensor(probs or [0.25] * 4, dtype=torch.float64)
+        assert (counts - want).abs().max().item() < 0.006, (probs, counts)
+        assert all(counts[i] == 0 for i in range(4) if want[i] == 0)
+
+
+def test_paired_term_reaches_only_the_pure_noise_rows():
+    """--lambda-pair: E[1{s = T} ||x_hat - y||^2 summed over pixels]; rows at other steps add nothing and get no
+    gradient, whatever their y (even nan)."""
+    torch.manual_seed(0)
+    x_hat = torch.randn(4, 1, 3, 3, requires_grad=True)
+    y = torch.randn(4, 1, 3, 3)
+    y[1] = float("nan")                                  # a row that is not at the pure-noise step: ignored
+    rows = torch.tensor([True, False, True, False])
+    loss = add.paired_loss(x_hat, y, rows)
+    want = sum(((x_hat[i] - y[i]) ** 2).sum() for i in (0, 2)) / 4
+    torch.testing.assert_close(loss, want)
+    (g,) = torch.autograd.grad(loss, x_hat)
+    assert g[1].abs().sum() == 0 and g[3].abs().sum() == 0
+    torch.testing.assert_close(g[0], 2 * (x_hat[0] - y[0]).detach() / 4)
+
+
+def test_pairs_are_the_teachers_heun_ode_as_in_dmd(tiny_add_world, tmp_path):
+    """add.py's pairs: y(z) = the teacher's Heun ODE, computed on add.py's teacher wrapper; dmd.py's wrapper (an
+    independent reading of the same schedule) gives the same y for the same z and class."""
+    import dmd
+    w = tiny_add_world
+    ta = add.load_teacher(add.parse_args(["--teacher", w["pix"], "--data", w["cls"]]), torch.device("cpu"))
+    td = dmd.load_teacher(dmd.parse_args(["--teacher", w["pix"], "--reg-loss", "l2"]), torch.device("cpu"))
+    z, ids = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(ta.heun_sample(z, {"labels": ids}, 6), td.heun_sample(z, ids, 6), rtol=1e-4, atol=1e-4)
+
+
+def test_disc_updates_and_the_paired_term_in_a_run(tiny_add_world, tmp_path, capsys):
+    """--disc-updates 3: three discriminator steps per student step (Adam's step counts), the student updated once;
+    --lambda-pair builds the pairs once (shards carry the teacher's fingerprint) and logs loss_pair."""
+    h = run_add(tiny_add_world, tmp_path, "pix", "cls", "--max-steps", "1", "--disc-updates", "3",
+                "--lambda-pair", "1", "--pairs", "24", "--ode-steps", "2", "--shard-size", "12",
+                "--student-timestep-probs", "1", "0", "0", "0")
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert {int(s["step"]) for s in ck["opt_d"]["state"].values()} == {3}
+    assert {int(s["step"]) for s in ck["opt_s"]["state"].values()} == {1}
+    assert h[0]["loss_pair"] > 0 and math.isfinite(h[0]["loss_pair"])
+    shards = sorted((tmp_path / "pairs").glob("shard_*.pt"))
+    assert len(shards) == 2 and torch.load(shards[0], weights_only=True)["ode_steps"] == 2
+    # a pair folder made with another teacher is refused in one line (exit 2), before any training
+    s = torch.load(shards[0], weights_only=True)
+    s["teacher"] = "0123456789ab"
+    torch.save(s, shards[0])
+    capsys.readouterr()   # the first run's progress bars
+    with pytest.raises(SystemExit) as e:
+        run_add(tiny_add_world, tmp_path / "again", "pix", "cls", "--lambda-pair", "1", "--pairs", "24",
+                "--ode-steps", "2", "--shard-size", "12", "--pairs-dir", str(tmp_path / "pairs"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "holds pairs of another teacher" in err and len(err.splitlines()) == 1, err
