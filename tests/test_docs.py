@@ -51,3 +51,21 @@ def test_the_readme_file_table_gives_each_file_its_length():
     assert len(rows) >= 7
     for path, n in rows:
         assert len((ROOT / path).read_text().splitlines()) == int(n), f"README: {path} is not {n} lines long"
+
+
+def test_the_method_files_put_the_method_first_and_the_readme_says_where_it_ends():
+    """dmd.py, add.py and teacher.py read top to bottom: train() ends within the lines the README gives (the method
+    before it, one banner after it), within issue 31's budgets; the banner comes right after train()."""
+    import ast
+    text = (ROOT / "README.md").read_text()
+    budget = {"dmd.py": (450, 150), "add.py": (600, 160), "teacher.py": (200, 90)}
+    for path, (top, loop) in budget.items():
+        src = (ROOT / path).read_text()
+        train = next(n for n in ast.parse(src).body if getattr(n, "name", "") == "train")
+        row = rf"^\| \[`{re.escape(path)}`\].*\| lines 1–(\d+) \(to the end of `train\(\)`\) \|"
+        shown = re.search(row, text, re.M)
+        assert shown and int(shown.group(1)) == train.end_lineno, f"README: {path}'s method ends at {train.end_lineno}"
+        assert train.end_lineno <= top and train.end_lineno - train.lineno + 1 <= loop, path
+        after = src.splitlines()[train.end_lineno:train.end_lineno + 6]
+        assert any("Below: loading, data, command line and run plumbing" in ln for ln in after), path
+        assert src.count("Below: loading, data, command line and run plumbing") == 1, path
