@@ -603,6 +603,12 @@ HUB = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd21": "stabilityai/
 NFSD_NEGATIVE = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, "
                  "gloomy")  # the negative prompt of Katzir et al. (NFSD)
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
+# the shipped CPU teachers (benchmark/models), by name, and the CPU defaults --teacher NAME brings (the CPU benchmark's:
+# Fashion-MNIST, the offline EfficientNet-Lite0 discriminator at 64 x 64, batch 32); any flag given still wins
+LOCAL_TEACHERS = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark", "models", folder)
+                  for name, folder in (("fmnist", "fmnist-cpu"), ("fmnist-uncond", "fmnist-cpu-uncond"))}
+CPU_DEFAULTS = dict(data="fashion-mnist", disc_backbone="efficientnet-lite0", disc_size=64, batch_size=32, lr=1e-4,
+                    lr_disc=1e-3, max_steps=600, log_every=10, sample_every=100, ckpt_every=100)
 EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
 EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
               "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
@@ -611,9 +617,25 @@ NETWORK_FLAGS = ("teacher", "lora_rank", "disc_backbone", "disc_cond", "disc_hea
 DIFFAUG = ("color", "translation", "cutout")
 
 
+# Copied from dmd.py: Help
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, unless its help text already says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 # Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
-    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+    """argparse, with the defaults in --help (Help, subcommands too) and user mistakes reported in one line (exit
+    code 2) instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -625,12 +647,31 @@ def fail(msg):
     sys.exit(2)
 
 
+# Copied from dmd.py: looks_local
+def looks_local(where):
+    """Whether a model name can only be a folder: absolute, ./ ../ or ~, a trailing or second separator, or a first
+    component that exists here or is this project's runs/ or benchmark/ (a hub id is 'owner/name')."""
+    parts = where.replace(os.sep, "/").split("/")
+    return (where.startswith((".", "/", "~")) or len(parts) > 2 or where.endswith(("/", os.sep))
+            or (len(parts) == 2 and (parts[0] in ("runs", "benchmark") or os.path.isdir(parts[0]))))
+
+
+# Copied from dmd.py: local_model
+def local_model(p, flag, where, made_by):
+    """A --teacher / --generator name that looks local (looks_local) but is no folder: one line at once, before any
+    hub lookup, naming what makes it and the shipped teachers."""
+    if where and looks_local(where) and not os.path.isdir(os.path.expanduser(where)):
+        p.error(f"{flag} {where}: no such folder ({made_by}; the shipped CPU teachers: {flag} fmnist or fmnist-uncond)")
+
+
 def parse_args(argv=None):
     p = Parser(description="ADD (arXiv:2311.17042): distil a diffusion teacher into a 1-4 step student.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
+               epilog=EXIT_CODES)
     a = p.add_argument
+    cpu = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_DEFAULTS.items())
     a("--teacher", required=True, help="sdxl | sd21 | sd15 | a hub id | a local folder (SD/SDXL layout, or a "
-                                       "class-conditional pixel UNet2DModel with its DDPMScheduler)")
+      "class-conditional pixel UNet2DModel with its DDPMScheduler) | fmnist / fmnist-uncond: the shipped CPU "
+      f"teachers, which also set the CPU defaults {cpu}; a flag you give wins")
     a("--data", default=None, help="DIR of images with captions (.txt beside each image, or metadata.jsonl); "
       "for class-conditional teachers DIR/<class index>/*.png, fashion-mnist or mnist; 'synthetic' (the default "
       "for text teachers): the teacher's own samples for --prompts (LADD), built once under --data-dir")
@@ -703,10 +744,15 @@ def parse_args(argv=None):
                                                "projections (peft) instead of all weights; 0 = full fine-tune")
     a("--compile", action="store_true", help="torch.compile the student")
     add_run_flags(a, "student", "--lr or --lr-disc", 500, "steps between sample grids (1 and 4 steps)")
+    name = p.parse_known_args(argv)[0].teacher
+    if name in LOCAL_TEACHERS:   # the shipped CPU teacher: its CPU defaults, under the flags given
+        p.set_defaults(**CPU_DEFAULTS)
     args = p.parse_args(argv)
     if args.max_minutes < 0 or args.max_bad_steps < 0 or args.export_every < 0:
         p.error("--max-minutes, --max-bad-steps and --export-every must be >= 0")
     args.resume = args.resume or args.resume_from is not None
+    local_model(p, "--teacher", args.teacher, "python teacher.py makes runs/teacher")
+    args.teacher_name, args.teacher = args.teacher, LOCAL_TEACHERS.get(args.teacher, args.teacher)
     for k in ("max_steps", "batch_size", "resolution", "log_every", "sample_every", "ckpt_every", "disc_size",
               "synthetic_images", "synthetic_steps", "shard_size", "num_pairs", "ode_steps", "disc_updates"):
         if getattr(args, k) < 1:
@@ -715,6 +761,8 @@ def parse_args(argv=None):
     if set(args.diffaug) - set(DIFFAUG):
         p.error(f"--diffaug: unknown policy {sorted(set(args.diffaug) - set(DIFFAUG))[0]!r}: use some of "
                 f"{','.join(DIFFAUG)}, or none")
+    if args.student_init not in ("teacher", "random") and not os.path.isdir(args.student_init):
+        p.error(f"--student-init {args.student_init}: no such folder (teacher, random, or a dmd.py generator folder)")
     if args.student_init not in ("teacher", "random") and \
             not os.path.isfile(os.path.join(args.student_init, "generator.json")):
         p.error(f"--student-init {args.student_init}: not teacher, random or a dmd.py generator folder")
@@ -753,6 +801,8 @@ def add_run_flags(a, export, lr_flags, sample_every, sample_help):
       "checkpoint's applies from there on (a learning-rate decay by hand)")
     a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
       "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
+    a("--overwrite", action="store_true", help=f"start afresh in an OUTPUT_DIR that holds a run: its checkpoints, log, "
+      f"sample grids and exported {export}s are removed first (without it, or --resume, such a folder is refused)")
     a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
       "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
     a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
@@ -778,7 +828,8 @@ def load_teacher(args, device):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
         index = {}
         if local:
-            index = json.load(open(os.path.join(where, "model_index.json")))
+            with open(os.path.join(where, "model_index.json")) as f:
+                index = json.load(f)
         xl = args.teacher == "sdxl" or "text_encoder_2" in index or os.path.isdir(os.path.join(where, "text_encoder_2"))
         unet = _from_pretrained(UNet2DConditionModel, where, subfolder="unet")
         sched = _from_pretrained(DDPMScheduler, where, subfolder="scheduler")
@@ -807,8 +858,9 @@ def load_teacher(args, device):
 
 
 # Copied from dmd.py: _from_pretrained
-def _from_pretrained(cls, where, flag="--teacher", **kw):
-    """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails."""
+def _from_pretrained(cls, where, flag="--teacher", alt="", **kw):
+    """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails; `alt` adds an
+    offline alternative to its hint."""
     import logging
     import warnings
     quiet = [logging.getLogger(n) for n in ("huggingface_hub", "diffusers", "transformers")]
@@ -821,7 +873,7 @@ def _from_pretrained(cls, where, flag="--teacher", **kw):
             return cls.from_pretrained(where, **kw)
     except Exception as e:  # noqa: BLE001 - any loading failure is reported the same way
         hint = "" if os.path.isdir(where) else (" (the model hub may be unreachable: pass a local folder with "
-                                                f"{flag} PATH)")
+                                                f"{flag} PATH{alt})")
         fail(f"could not load {cls.__name__} from {where}{hint}: {str(e).splitlines()[0][:200]}")
     finally:
         for q, lv in zip(quiet, levels):
@@ -841,7 +893,8 @@ def init_student(tch, args, device):
     if args.student_init == "random":
         student = type(tch.unet).from_config(tch.unet.config).to(device).train()
     elif args.student_init != "teacher":   # a DMD generator: the teacher's network, read at t = 999 like ours
-        spec = json.load(open(os.path.join(args.student_init, "generator.json")))
+        with open(os.path.join(args.student_init, "generator.json")) as f:
+            spec = json.load(f)
         if (spec.get("method"), spec.get("formulation"), spec.get("model_class"), spec.get("prediction_type")) != \
                 ("dmd", "vp", type(tch.unet).__name__, tch.prediction_type):
             fail(f"--student-init {args.student_init}: not a dmd.py generator of this teacher's kind")
@@ -886,7 +939,8 @@ def load_backbone(where, size):
         layers = list(range(n - 4, n))
         return vit, cnn, layers, [cnn.feature_info[i]["num_chs"] for i in layers], size
     from transformers import Dinov2Model
-    vit = _from_pretrained(Dinov2Model, where, flag="--disc-backbone").requires_grad_(False).eval()
+    vit = _from_pretrained(Dinov2Model, where, flag="--disc-backbone", alt=", or the offline --disc-backbone "
+                           "efficientnet-lite0").requires_grad_(False).eval()
     n = vit.config.num_hidden_layers
     layers = sorted({max(1, round((i + 1) * n / 4)) for i in range(4)})
     patch = vit.config.patch_size   # a ViT takes any multiple of its patch size (interpolated positions)
@@ -1043,6 +1097,7 @@ def load_mnist_like(name):
     if os.path.exists(os.path.join(root, "train-images-idx3-ubyte.gz")):
         imgs = np.frombuffer(gzip.open(os.path.join(root, "train-images-idx3-ubyte.gz")).read(), np.uint8, offset=16)
         labels = np.frombuffer(gzip.open(os.path.join(root, "train-labels-idx1-ubyte.gz")).read(), np.uint8, offset=8)
+        imgs, labels = imgs.copy(), labels.copy()   # writable: torch.from_numpy warns on read-only buffers
         return imgs.reshape(-1, 28, 28), labels
     try:
         from torchvision.datasets import FashionMNIST
@@ -1131,7 +1186,8 @@ class SyntheticData:
 def read_prompts(path):
     """The non-empty lines of a UTF-8 prompts file; a one-line error if it is not text or has none."""
     try:
-        prompts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+        with open(path, encoding="utf-8") as f:
+            prompts = [ln.strip() for ln in f if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
         fail(f"--prompts {path}: not a readable UTF-8 text file ({e})")
     if not prompts:
@@ -1382,7 +1438,7 @@ class Run:
 
     def __init__(self, args, stop, desc, export_name=None):
         self.args, self.stop, self.desc, self.export_name = args, stop or Preemption(), desc, export_name
-        self.world, self.rank, self.local, self.device, self.accum, self.ck = setup_run(args)
+        self.world, self.rank, self.local, self.device, self.accum, self.ck = setup_run(args, export_name)
         self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
         self.start_step = 0 if self.ck is None else self.ck["step"]
         self.step, self.history, self.skipped, self.bad_run, self.saved, self.parts = 0, [], 0, 0, None, {}
@@ -1422,9 +1478,12 @@ class Run:
         """Micro-batch k of accum: DDP all-reduces the gradients only on the last one (no_sync before it)."""
         return contextlib.nullcontext() if self.world == 1 or k == self.accum - 1 else net.no_sync()
 
-    def start(self):
-        """The loop begins: the progress bar, the clocks; a pre-emption signal now ends the run after its step."""
+    def start(self, note=None):
+        """The loop begins: the note (one line, if any), the progress bar, the clocks; a pre-emption signal now ends
+        the run after its step."""
         from tqdm import tqdm
+        if note and self.rank == 0:
+            print(f"note: {note}", flush=True)
         self.bar = tqdm(total=self.args.max_steps, initial=self.step, desc=self.desc, disable=self.rank != 0,
                         file=sys.stderr)
         self.t_start = self.t0 = time.time()
@@ -1529,7 +1588,7 @@ def set_lr(opt, sched, lr):
 
 
 # Copied from dmd.py: setup_run
-def setup_run(args):
+def setup_run(args, export_name=None):
     """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
     group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
     accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
@@ -1541,7 +1600,7 @@ def setup_run(args):
     accum, rem = divmod(args.batch_size, args.micro_batch * world)
     if rem or not accum or args.micro_batch < 1:
         fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
-    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
+    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else claim_output_dir(args, export_name, rank)
     if world > 1:
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
@@ -1552,6 +1611,33 @@ def setup_run(args):
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
     return world, rank, local, torch.device(args.device), accum, ck
+
+
+# Copied from dmd.py: claim_output_dir
+def claim_output_dir(args, export_name, rank=0):
+    """A run that does not --resume starts afresh: in an OUTPUT_DIR that holds a run (checkpoint.pt) only with
+    --overwrite, which removes that run's checkpoints, log and exports; old sample grids always go (they would mix
+    with the new ones). Reusable inputs (pairs/, synthetic/) stay. -> None (no checkpoint to resume)."""
+    import glob
+    import shutil
+    out = args.output_dir
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(ckpt) and not args.overwrite:
+        fail(f"--output-dir {out} holds a run (checkpoint.pt): add --resume to continue it, or --overwrite to start "
+             "afresh (its checkpoints, log, grids and exports are removed)")
+    if rank != 0:
+        return None
+    old = glob.glob(os.path.join(out, "samples_*.png"))
+    if os.path.exists(ckpt):
+        old += [os.path.join(out, f) for f in ("checkpoint.pt", "checkpoint.prev.pt", "log.csv", "loss.png")]
+        if export_name:
+            old += glob.glob(os.path.join(out, f"{export_name}_*")) + [os.path.join(out, export_name)]
+    for p in old:
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+    return None
 
 
 # Copied from dmd.py: rng_state
@@ -1715,11 +1801,15 @@ def exit_run(code, msg, rank, world):
     sys.exit(code)
 
 
-# Copied from dmd.py: main
 def main(argv=None):
     args = parse_args(argv)
     with Preemption() as stop:
-        return train(args, stop)
+        history = train(args, stop)
+    if args.teacher_name in LOCAL_TEACHERS:
+        st, npz = os.path.join(args.output_dir, "student"), os.path.join(args.output_dir, "samples_${n}step.npz")
+        print(f"score it: for n in 1 4; do python eval.py generate --generator {st} --steps $n --num 2000 --out {npz} "
+              f"&& python eval.py domain --samples {npz} --ref fashion-mnist-test --ref-num 2000 --crop 28; done")
+    return history
 
 
 if __name__ == "__main__":

@@ -343,7 +343,8 @@ def train(args, stop=None):
     def export(path):
         export_generator(tch, ema if ema is not None else gen, shape, args, path)
 
-    run.start()
+    run.start(None if fake is None or run.step else "loss_dm starts near 0 and grows: the fake score begins as the "
+              "teacher's copy, so s_fake = s_real until it has learned the generator's samples (step 5)")
     while run.step < args.max_steps:
         if shards is not None and not regressing(args, run.step):   # --reg-until: distribution matching alone
             shards, n_dm, lpips_fn = None, m, None
@@ -441,6 +442,12 @@ PRESETS = {
     "local": dict(lr=5e-5, batch_size=256, max_steps=10_000, num_pairs=10_000, ode_steps=18, lambda_reg=0.25),
 }
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   # the shipped prompt set
+# the shipped CPU teachers (benchmark/models), by name, and the CPU defaults --teacher NAME brings (the CPU benchmark's:
+# offline L2 regression, batch 32, a 10x faster fake score, EMA); any flag given still wins
+LOCAL_TEACHERS = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark", "models", folder)
+                  for name, folder in (("fmnist", "fmnist-cpu"), ("fmnist-uncond", "fmnist-cpu-uncond"))}
+CPU_DEFAULTS = dict(reg_loss="l2", num_pairs=1000, ode_steps=18, batch_size=32, lr=1e-4, lr_fake=1e-3, warmup=50,
+                    ema=0.99, max_steps=800, log_every=10, sample_every=100, ckpt_every=100)
 EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
 EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
               "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
@@ -448,27 +455,62 @@ EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-
 NETWORK_FLAGS = ("dataset", "teacher", "no_dm")   # flags that change the networks: --resume checks they match
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, unless its help text already says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+    """argparse, with the defaults in --help (Help, subcommands too) and user mistakes reported in one line (exit
+    code 2) instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def fail(msg):
-    """A user-facing error: one line on stderr, exit code 2, no traceback."""
-    print(f"dmd.py: error: {msg}", file=sys.stderr)
+    """A user-facing error: one line on stderr, exit code 2, no traceback; named after the script that runs (sample.py
+    and eval.py load teachers through this file)."""
+    prog = os.path.basename(sys.argv[0])   # a script of this repository (sample.py, eval.py), else dmd.py
+    prog = prog if prog.endswith(".py") and os.path.isfile(os.path.join(os.path.dirname(__file__), prog)) else "dmd.py"
+    print(f"{prog}: error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def looks_local(where):
+    """Whether a model name can only be a folder: absolute, ./ ../ or ~, a trailing or second separator, or a first
+    component that exists here or is this project's runs/ or benchmark/ (a hub id is 'owner/name')."""
+    parts = where.replace(os.sep, "/").split("/")
+    return (where.startswith((".", "/", "~")) or len(parts) > 2 or where.endswith(("/", os.sep))
+            or (len(parts) == 2 and (parts[0] in ("runs", "benchmark") or os.path.isdir(parts[0]))))
+
+
+def local_model(p, flag, where, made_by):
+    """A --teacher / --generator name that looks local (looks_local) but is no folder: one line at once, before any
+    hub lookup, naming what makes it and the shipped teachers."""
+    if where and looks_local(where) and not os.path.isdir(os.path.expanduser(where)):
+        p.error(f"{flag} {where}: no such folder ({made_by}; the shipped CPU teachers: {flag} fmnist or fmnist-uncond)")
 
 
 def parse_args(argv=None):
     p = Parser(description="DMD (arXiv:2311.18828): distil a diffusion teacher into a one-step generator.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
+               epilog=EXIT_CODES)
     a = p.add_argument
     a("--dataset", choices=["imagenet64", "cifar10"], default=None,
       help="paper setting with its hub teacher: EDM ImageNet-64 (class-cond.) or DDPM CIFAR-10 (uncond.)")
-    a("--teacher", default=None, help="'sd15', a hub id, or a local folder (diffusers UNet2DModel + schedule, "
-                                      "or a Stable Diffusion pipeline folder)")
+    cpu = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_DEFAULTS.items())
+    a("--teacher", default=None, help="'sd15', a hub id, a local folder (diffusers UNet2DModel + schedule, or a "
+      "Stable Diffusion pipeline folder), or fmnist / fmnist-uncond: the shipped CPU teachers, which also set the CPU "
+      f"defaults {cpu} (--lambda-reg 0.5 for fmnist-uncond); a flag you give wins")
     a("--prompts", default=None, help="text-to-image: a file of prompts, one per line (default: the shipped "
       "prompts/train.txt beside this script; sample grids use prompts/eval.txt)")
     a("--guidance", type=float, default=3.0, help="classifier-free guidance of the real score (text-to-image)")
@@ -515,9 +557,14 @@ def parse_args(argv=None):
     a("--resolution", type=int, default=512, help="text-to-image: image size (latents are 1/8)")
     a("--compile", action="store_true", help="torch.compile the networks")
     add_run_flags(a, "generator", "--lr or --lr-fake", 1000, "steps between sample grids")
+    name = p.parse_known_args(argv)[0].teacher
+    if name in LOCAL_TEACHERS:   # the shipped CPU teacher: its CPU defaults, under the flags given
+        p.set_defaults(**CPU_DEFAULTS, lambda_reg=0.5 if name == "fmnist-uncond" else 0.25)
     args = p.parse_args(argv)
     if (args.dataset is None) == (args.teacher is None):
         p.error("give exactly one of --dataset or --teacher")
+    local_model(p, "--teacher", args.teacher, "python teacher.py makes runs/teacher")
+    args.teacher_name, args.teacher = args.teacher, LOCAL_TEACHERS.get(args.teacher, args.teacher)
     args.kind = args.dataset or ("sd15" if args.teacher == "sd15" else "local")
     for k, v in PRESETS[args.kind].items():
         if getattr(args, k) is None:
@@ -561,6 +608,8 @@ def add_run_flags(a, export, lr_flags, sample_every, sample_help):
       "checkpoint's applies from there on (a learning-rate decay by hand)")
     a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
       "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
+    a("--overwrite", action="store_true", help=f"start afresh in an OUTPUT_DIR that holds a run: its checkpoints, log, "
+      f"sample grids and exported {export}s are removed first (without it, or --resume, such a folder is refused)")
     a("--max-bad-steps", type=int, default=3, help="steps in a row whose losses or gradient norms are nan/inf may "
       "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
     a("--log-every", type=int, default=50, help="steps between loss-log rows and the loss plot")
@@ -573,8 +622,9 @@ def add_run_flags(a, export, lr_flags, sample_every, sample_help):
 # ----------------------------------------------------------------------------------------------------------
 # Loading: the teacher (hub or folder), the offline regression distance
 # ----------------------------------------------------------------------------------------------------------
-def _from_pretrained(cls, where, flag="--teacher", **kw):
-    """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails."""
+def _from_pretrained(cls, where, flag="--teacher", alt="", **kw):
+    """diffusers / transformers from_pretrained with a one-line error when the hub (or the folder) fails; `alt` adds an
+    offline alternative to its hint."""
     import logging
     import warnings
     quiet = [logging.getLogger(n) for n in ("huggingface_hub", "diffusers", "transformers")]
@@ -587,7 +637,7 @@ def _from_pretrained(cls, where, flag="--teacher", **kw):
             return cls.from_pretrained(where, **kw)
     except Exception as e:  # noqa: BLE001 - any loading failure is reported the same way
         hint = "" if os.path.isdir(where) else (" (the model hub may be unreachable: pass a local folder with "
-                                                f"{flag} PATH)")
+                                                f"{flag} PATH{alt})")
         fail(f"could not load {cls.__name__} from {where}{hint}: {str(e).splitlines()[0][:200]}")
     finally:
         for q, lv in zip(quiet, levels):
@@ -641,7 +691,8 @@ def read_teacher_json(where):
     bins (1000)."""
     path = os.path.join(where, "teacher.json")
     try:
-        spec = json.load(open(path))
+        with open(path) as f:
+            spec = json.load(f)
     except (OSError, ValueError) as e:
         fail(f"--teacher {where}: teacher.json is not readable JSON ({e})")
     missing = [k for k in ("formulation", "sigma_min", "sigma_max", "sigma_data", "noise_cond_scale")
@@ -673,8 +724,12 @@ def regression_distance(args, device):
     the offline EfficientNet form (effnet); None for l2 and huber."""
     if args.reg_loss == "lpips":
         try:
+            import warnings
+
             import lpips
-            return lpips.LPIPS(net="vgg", verbose=False).to(device).requires_grad_(False).eval()
+            with warnings.catch_warnings():   # torchvision's notes on the 'pretrained' argument lpips passes
+                warnings.simplefilter("ignore", UserWarning)
+                return lpips.LPIPS(net="vgg", verbose=False).to(device).requires_grad_(False).eval()
         except Exception as e:  # noqa: BLE001
             fail(f"LPIPS-VGG could not load ({str(e).splitlines()[0][:120]}): its VGG16 weights are a torchvision "
                  "download; offline, use --reg-loss l2, huber or effnet")
@@ -729,7 +784,8 @@ class EfficientNetLPIPS(torch.nn.Module):
 def read_prompts(path):
     """The non-empty lines of a UTF-8 prompts file; a one-line error if it is not text or has none."""
     try:
-        prompts = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+        with open(path, encoding="utf-8") as f:
+            prompts = [ln.strip() for ln in f if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
         fail(f"--prompts {path}: not a readable UTF-8 text file ({e})")
     if not prompts:
@@ -924,7 +980,7 @@ class Run:
 
     def __init__(self, args, stop, desc, export_name=None):
         self.args, self.stop, self.desc, self.export_name = args, stop or Preemption(), desc, export_name
-        self.world, self.rank, self.local, self.device, self.accum, self.ck = setup_run(args)
+        self.world, self.rank, self.local, self.device, self.accum, self.ck = setup_run(args, export_name)
         self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
         self.start_step = 0 if self.ck is None else self.ck["step"]
         self.step, self.history, self.skipped, self.bad_run, self.saved, self.parts = 0, [], 0, 0, None, {}
@@ -964,9 +1020,12 @@ class Run:
         """Micro-batch k of accum: DDP all-reduces the gradients only on the last one (no_sync before it)."""
         return contextlib.nullcontext() if self.world == 1 or k == self.accum - 1 else net.no_sync()
 
-    def start(self):
-        """The loop begins: the progress bar, the clocks; a pre-emption signal now ends the run after its step."""
+    def start(self, note=None):
+        """The loop begins: the note (one line, if any), the progress bar, the clocks; a pre-emption signal now ends
+        the run after its step."""
         from tqdm import tqdm
+        if note and self.rank == 0:
+            print(f"note: {note}", flush=True)
         self.bar = tqdm(total=self.args.max_steps, initial=self.step, desc=self.desc, disable=self.rank != 0,
                         file=sys.stderr)
         self.t_start = self.t0 = time.time()
@@ -1067,7 +1126,7 @@ def set_lr(opt, sched, lr):
     sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
-def setup_run(args):
+def setup_run(args, export_name=None):
     """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
     group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
     accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
@@ -1079,7 +1138,7 @@ def setup_run(args):
     accum, rem = divmod(args.batch_size, args.micro_batch * world)
     if rem or not accum or args.micro_batch < 1:
         fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
-    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
+    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else claim_output_dir(args, export_name, rank)
     if world > 1:
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
@@ -1090,6 +1149,32 @@ def setup_run(args):
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
     return world, rank, local, torch.device(args.device), accum, ck
+
+
+def claim_output_dir(args, export_name, rank=0):
+    """A run that does not --resume starts afresh: in an OUTPUT_DIR that holds a run (checkpoint.pt) only with
+    --overwrite, which removes that run's checkpoints, log and exports; old sample grids always go (they would mix
+    with the new ones). Reusable inputs (pairs/, synthetic/) stay. -> None (no checkpoint to resume)."""
+    import glob
+    import shutil
+    out = args.output_dir
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(ckpt) and not args.overwrite:
+        fail(f"--output-dir {out} holds a run (checkpoint.pt): add --resume to continue it, or --overwrite to start "
+             "afresh (its checkpoints, log, grids and exports are removed)")
+    if rank != 0:
+        return None
+    old = glob.glob(os.path.join(out, "samples_*.png"))
+    if os.path.exists(ckpt):
+        old += [os.path.join(out, f) for f in ("checkpoint.pt", "checkpoint.prev.pt", "log.csv", "loss.png")]
+        if export_name:
+            old += glob.glob(os.path.join(out, f"{export_name}_*")) + [os.path.join(out, export_name)]
+    for p in old:
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+    return None
 
 
 def rng_state():
@@ -1243,7 +1328,12 @@ def exit_run(code, msg, rank, world):
 def main(argv=None):
     args = parse_args(argv)
     with Preemption() as stop:
-        return train(args, stop)
+        history = train(args, stop)
+    if args.teacher_name in LOCAL_TEACHERS and args.max_steps:
+        gen, npz = os.path.join(args.output_dir, "generator"), os.path.join(args.output_dir, "samples.npz")
+        print(f"score it: python eval.py generate --generator {gen} --num 2000 --out {npz} && python eval.py domain "
+              f"--samples {npz} --ref fashion-mnist-test --ref-num 2000 --crop 28")
+    return history
 
 
 if __name__ == "__main__":

@@ -37,9 +37,25 @@ import torch
 import torch.nn.functional as F
 
 
+# Copied from dmd.py: Help
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, unless its help text already says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 # Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
-    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+    """argparse, with the defaults in --help (Help, subcommands too) and user mistakes reported in one line (exit
+    code 2) instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -92,7 +108,7 @@ class Inception:
 
     @torch.no_grad()
     def __call__(self, u8):
-        x = torch.as_tensor(np.asarray(u8))
+        x = torch.as_tensor(np.array(u8))   # a writable copy (torch warns on read-only arrays)
         x = x[..., None] if x.dim() == 3 else x
         x = x.permute(0, 3, 1, 2).to(self.device, torch.float32) / 255
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
@@ -213,7 +229,7 @@ class DomainNet(torch.nn.Module):
 
 def to_domain_input(u8):
     """uint8 (N, 28, 28) or (N, 28, 28, 1) -> float (N, 1, 28, 28) in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(u8))
+    x = torch.as_tensor(np.array(u8))   # a writable copy (torch warns on read-only arrays)
     x = x[..., 0] if x.dim() == 4 else x
     return x[:, None].float() / 127.5 - 1
 
@@ -393,7 +409,8 @@ def clip_scores(images, prompts, model, tokenizer, device="cpu", batch_size=64):
 def coco_prompts(captions_json, num, seed=0):
     """COCO captions JSON (2014 or 2017 `captions_*.json`) -> `num` prompts: one caption per image, for `num`
     images drawn without replacement with `seed` (COCO-5k: ADD's val2017; COCO-30k: DMD's val2014)."""
-    data = json.load(open(captions_json))
+    with open(captions_json) as f:
+        data = json.load(f)
     by_image = {}
     for a in sorted(data["annotations"], key=lambda a: a["id"]):
         by_image.setdefault(a["image_id"], a["caption"].strip().replace("\n", " "))
@@ -466,8 +483,10 @@ def parse_args(argv=None):
     lt.add_argument("--device", **dev)
     g = sub.add_parser("generate", help="sample a student (or teacher) to a uint8 .npz, then FID / CLIP")
     g.add_argument("--generator", default=None, help="exported student folder")
-    g.add_argument("--teacher", default=None, help="or a teacher folder, sampled with --steps Heun steps")
-    g.add_argument("--steps", type=int, default=1, help="sampling steps")
+    g.add_argument("--teacher", default=None, help="or a teacher (a folder, a hub id, or fmnist / fmnist-uncond: "
+                   "the shipped ones), sampled with --steps Heun steps")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 for a student, 32 Heun steps "
+                   "for a teacher)")
     g.add_argument("--num", type=int, default=50000, help="number of samples")
     g.add_argument("--prompts", default=None, help="text-to-image: prompts file (used in turn)")
     g.add_argument("--out", required=True, help="samples .npz to write")
@@ -560,7 +579,8 @@ def main(argv=None):
     elif args.cmd == "generate":
         import sample
         sargs = sample.parse_args([*(["--generator", args.generator] if args.generator else []),
-                                   *(["--teacher", args.teacher] if args.teacher else []), "--steps", str(args.steps),
+                                   *(["--teacher", args.teacher] if args.teacher else []),
+                                   *(["--steps", str(args.steps)] if args.steps else []),
                                    "--num", str(args.num), "--seed", str(args.seed), "--batch-size",
                                    str(args.batch_size), "--device", args.device,
                                    "--out", os.path.dirname(os.path.abspath(args.out)),

@@ -2,7 +2,7 @@
 
   python sample.py --generator runs/dmd/generator --class 3 --num 16             # class-conditional
   python sample.py --generator runs/add/student --prompt "a cat" --steps 4        # text-to-image, 4 steps
-  python sample.py --teacher PATH --steps 32 --num 64                            # the teacher, 32 Heun steps
+  python sample.py --teacher fmnist --num 64                                     # the shipped teacher, 32 Heun steps
 
 The generator folder holds the network (save_pretrained) and generator.json, which says how to call it: for
 step i with (t, alpha, sigma, alpha_read, sigma_read), the input is x = alpha x_hat + sigma eps (the first step:
@@ -21,9 +21,25 @@ import numpy as np
 import torch
 
 
+# Copied from dmd.py: Help
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, unless its help text already says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 # Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
-    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+    """argparse, with the defaults in --help (Help, subcommands too) and user mistakes reported in one line (exit
+    code 2) instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -41,11 +57,15 @@ class Generator:
     def __init__(self, path, device, dtype=torch.float32):
         import diffusers
         spec_path = os.path.join(path, "generator.json")
+        if not os.path.isdir(path):
+            fail(f"--generator {path}: no such folder (dmd.py and add.py export one at the end of a run)")
         if not os.path.exists(spec_path):
             fail(f"{path}: no generator.json (expected a folder exported by dmd.py or add.py)")
-        self.spec = json.load(open(spec_path))
+        with open(spec_path) as f:
+            self.spec = json.load(f)
         self.device, self.dtype = torch.device(device), dtype
-        self.net = getattr(diffusers, self.spec["model_class"]).from_pretrained(path).to(device, dtype).eval()
+        self.net = getattr(diffusers, self.spec["model_class"]).from_pretrained(path, torch_dtype=dtype).to(device)
+        self.net.eval()
         self.vae, self.tokenizers, self.encoders = None, [], []
         src = self.spec["teacher"]
         if self.spec["latent"] or self.spec["conditioning"] == "text":
@@ -126,12 +146,12 @@ def to_uint8(images):
 
 
 def parse_args(argv=None):
-    p = Parser(description="Sample from a student exported by dmd.py / add.py, or from a teacher.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Sample from a student exported by dmd.py / add.py, or from a teacher.")
     a = p.add_argument
     a("--generator", help="a folder exported by dmd.py (generator/) or add.py (student/)")
     a("--teacher", help="instead: a teacher folder (as dmd.py --teacher takes), sampled with --steps Heun steps")
-    a("--steps", type=int, default=1, help="sampling steps (students: 1 .. number of student steps)")
+    a("--steps", type=int, default=None, help="sampling steps (default: 1 for a student, which has 1 .. its number "
+      "of student steps; 32 Heun steps for a teacher)")
     a("--class", dest="label", type=int, default=None, help="class label (default: random classes)")
     a("--prompt", default=None, help="one prompt for every sample")
     a("--prompts", default=None, help="a file of prompts, one per line, used in turn")
@@ -145,6 +165,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.generator is None) == (args.teacher is None):
         p.error("give exactly one of --generator or --teacher")
+    if args.generator and not os.path.isdir(args.generator):
+        p.error(f"--generator {args.generator}: no such folder (dmd.py and add.py export one at the end of a run)")
+    args.steps = args.steps or (32 if args.teacher else 1)
     for k in ("steps", "num", "batch_size"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")

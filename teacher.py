@@ -137,9 +137,25 @@ EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-
 NETWORK_FLAGS = ("dataset", "channels", "layers_per_block", "attention", "schedule")   # --resume checks they match
 
 
+# Copied from dmd.py: Help
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, unless its help text already says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 # Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
-    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+    """argparse, with the defaults in --help (Help, subcommands too) and user mistakes reported in one line (exit
+    code 2) instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -152,8 +168,7 @@ def fail(msg):
 
 def parse_args(argv=None):
     p = Parser(description="Train a class-conditional (or unconditional) DDPM teacher (UNet2DModel) on Fashion-MNIST "
-               "or MNIST.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXIT_CODES)
+               "or MNIST.", epilog=EXIT_CODES)
     a = p.add_argument
     a("--dataset", default="fashion-mnist", help="fashion-mnist | mnist | DIR of class folders DIR/<index>/*.png")
     a("--output-dir", default="runs/teacher", help="unet/, scheduler/, samples, log, checkpoint")
@@ -181,6 +196,8 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     a("--resume-from", default=None, metavar="FILE", help="continue from this checkpoint instead, e.g. "
       "OUTPUT_DIR/checkpoint.prev.pt (the one before the last, kept by every save); implies --resume")
+    a("--overwrite", action="store_true", help="start afresh in an OUTPUT_DIR that holds a run: its checkpoints, "
+      "log and sample grids are removed first (without it, or --resume, such a folder is refused)")
     a("--max-bad-steps", type=int, default=3, help="steps in a row whose loss or gradient norm is nan/inf may "
       "be skipped (no update); one more stops the run (exit code 3, nothing exported); 0 = stop at the first")
     a("--log-every", type=int, default=100, help="steps between loss-log rows")
@@ -231,7 +248,7 @@ def load_data(spec, limit, split="train"):
         if os.path.exists(os.path.join(root, f"{stem}-images-idx3-ubyte.gz")):
             x = np.frombuffer(gzip.open(os.path.join(root, f"{stem}-images-idx3-ubyte.gz")).read(), np.uint8, offset=16)
             y = np.frombuffer(gzip.open(os.path.join(root, f"{stem}-labels-idx1-ubyte.gz")).read(), np.uint8, offset=8)
-            x = x.reshape(-1, 28, 28)
+            x, y = x.reshape(-1, 28, 28).copy(), y.copy()   # writable (torch.from_numpy warns on read-only)
         else:
             try:
                 from torchvision.datasets import FashionMNIST
@@ -273,7 +290,7 @@ class Run:
 
     def __init__(self, args, stop, desc, export_name=None):
         self.args, self.stop, self.desc, self.export_name = args, stop or Preemption(), desc, export_name
-        self.world, self.rank, self.local, self.device, self.accum, self.ck = setup_run(args)
+        self.world, self.rank, self.local, self.device, self.accum, self.ck = setup_run(args, export_name)
         self.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
         self.start_step = 0 if self.ck is None else self.ck["step"]
         self.step, self.history, self.skipped, self.bad_run, self.saved, self.parts = 0, [], 0, 0, None, {}
@@ -313,9 +330,12 @@ class Run:
         """Micro-batch k of accum: DDP all-reduces the gradients only on the last one (no_sync before it)."""
         return contextlib.nullcontext() if self.world == 1 or k == self.accum - 1 else net.no_sync()
 
-    def start(self):
-        """The loop begins: the progress bar, the clocks; a pre-emption signal now ends the run after its step."""
+    def start(self, note=None):
+        """The loop begins: the note (one line, if any), the progress bar, the clocks; a pre-emption signal now ends
+        the run after its step."""
         from tqdm import tqdm
+        if note and self.rank == 0:
+            print(f"note: {note}", flush=True)
         self.bar = tqdm(total=self.args.max_steps, initial=self.step, desc=self.desc, disable=self.rank != 0,
                         file=sys.stderr)
         self.t_start = self.t0 = time.time()
@@ -420,7 +440,7 @@ def set_lr(opt, sched, lr):
 
 
 # Copied from dmd.py: setup_run
-def setup_run(args):
+def setup_run(args, export_name=None):
     """One process of a (possibly multi-GPU) run, as started by accelerate launch / torchrun: joins the process
     group, picks the device, the micro-batch and the gradient-accumulation count (batch = micro x devices x
     accum), makes the output folder, opens the --resume checkpoint and seeds this rank.
@@ -432,7 +452,7 @@ def setup_run(args):
     accum, rem = divmod(args.batch_size, args.micro_batch * world)
     if rem or not accum or args.micro_batch < 1:
         fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} devices")
-    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else None
+    ck = open_checkpoint(args, NETWORK_FLAGS) if args.resume else claim_output_dir(args, export_name, rank)
     if world > 1:
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
@@ -467,6 +487,33 @@ def write_log(history, out_dir):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "loss.png"), dpi=80)
     plt.close(fig)
+
+
+# Copied from dmd.py: claim_output_dir
+def claim_output_dir(args, export_name, rank=0):
+    """A run that does not --resume starts afresh: in an OUTPUT_DIR that holds a run (checkpoint.pt) only with
+    --overwrite, which removes that run's checkpoints, log and exports; old sample grids always go (they would mix
+    with the new ones). Reusable inputs (pairs/, synthetic/) stay. -> None (no checkpoint to resume)."""
+    import glob
+    import shutil
+    out = args.output_dir
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(ckpt) and not args.overwrite:
+        fail(f"--output-dir {out} holds a run (checkpoint.pt): add --resume to continue it, or --overwrite to start "
+             "afresh (its checkpoints, log, grids and exports are removed)")
+    if rank != 0:
+        return None
+    old = glob.glob(os.path.join(out, "samples_*.png"))
+    if os.path.exists(ckpt):
+        old += [os.path.join(out, f) for f in ("checkpoint.pt", "checkpoint.prev.pt", "log.csv", "loss.png")]
+        if export_name:
+            old += glob.glob(os.path.join(out, f"{export_name}_*")) + [os.path.join(out, export_name)]
+    for p in old:
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+    return None
 
 
 # Copied from dmd.py: rng_state
@@ -630,7 +677,6 @@ def exit_run(code, msg, rank, world):
     sys.exit(code)
 
 
-# Copied from dmd.py: main
 def main(argv=None):
     args = parse_args(argv)
     with Preemption() as stop:

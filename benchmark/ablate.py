@@ -37,9 +37,25 @@ DEFAULT_TEACHER = "fmnist-cpu"
 CSV = os.path.join(ROOT, "benchmark", "results", "cpu", "ablations.csv")
 
 
+# Copied from dmd.py: Help
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, unless its help text already says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 # Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
-    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+    """argparse, with the defaults in --help (Help, subcommands too) and user mistakes reported in one line (exit
+    code 2) instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -49,7 +65,7 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(description=__doc__.split("\n\n")[0],
                epilog="Flags after -- go to dmd.py / add.py after the CPU scale's own (a later flag wins).")
     p.add_argument("method", choices=["dmd", "add", "teacher"], help="which script trains (teacher: none, the "
                    "teacher itself is scored at --sampling-steps Heun steps)")

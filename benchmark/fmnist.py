@@ -76,17 +76,32 @@ FIELDS = ["method", "variant", "steps", "seed", "teacher", "fd_fmnist", "precisi
 MODELS = os.path.join(ROOT, "benchmark", "models")   # the shipped teachers: MODELS/fmnist-SCALE
 
 
+# Copied from dmd.py: Help
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, unless its help text already says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 # Copied from dmd.py: Parser
 class Parser(argparse.ArgumentParser):
-    """argparse, with user mistakes reported in one line (exit code 2) instead of the usage block."""
+    """argparse, with the defaults in --help (Help, subcommands too) and user mistakes reported in one line (exit
+    code 2) instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=list(SCALES), default=None, help="gpu if CUDA is visible, else cpu")
     p.add_argument("--out", default=None, help="working folder (default runs/fmnist-SCALE)")
     p.add_argument("--results", default=None, help="where fmnist.csv and the figures go (default: "
