@@ -553,7 +553,7 @@ def train(args, stop=None):
                     loss_pair = paired_loss(img_hat, y, at_noise)
                     loss = loss + args.lambda_pair * loss_pair
                     sums["loss_pair"] += loss_pair.item() / accum
-                # 4. L = L_adv^G + lambda L_distill (Eq. 1)
+                # 4. L = L_adv^G + lambda L_distill (Eq. 1), + lambda_pair L_pair with --lambda-pair
                 (loss / accum).backward()
             stash.append((real, (x_hat if on_teacher else img_hat).detach(), c, cond))
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
@@ -683,7 +683,7 @@ def parse_args(argv=None):
     a("--synthetic-steps", type=int, default=50, help="--data synthetic: DDIM (= Euler) steps of the teacher")
     a("--synthetic-guidance", type=float, default=None, help="--data synthetic: the teacher's classifier-free "
       "guidance scale (default: 7.5; 5.0 for SDXL, as in diffusers' pipelines)")
-    a("--shard-size", type=int, default=500, help="--data synthetic: samples per shard file")
+    a("--shard-size", type=int, default=500, help="samples per shard file (--data synthetic, --lambda-pair's pairs)")
     a("--resolution", type=int, default=512, help="training image size (images are resized and centre-cropped)")
     a("--output-dir", default="runs/add", help="samples, logs, checkpoints and the exported student")
     a("--max-steps", type=int, default=10_000, help="student updates (the paper gives none)")
@@ -776,6 +776,10 @@ def parse_args(argv=None):
         p.error("--lambda-pair must be >= 0")
     if args.lambda_pair and probs is not None and probs[0] == 0:
         p.error("--lambda-pair acts at the pure-noise student step, whose --student-timestep-probs is 0")
+    if args.lambda_pair and args.img_cond_at_noise == "keep":
+        p.error("--lambda-pair with --img-cond-at-noise keep: the pair rows would be judged against an unrelated c_img")
+    if args.disc_updates > 1 and args.loss == "distill":
+        p.error("--disc-updates: --loss distill trains no discriminator")
     if args.lambda_pair and (args.teacher in HUB or os.path.exists(os.path.join(args.teacher, "model_index.json"))):
         p.error("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1321,6 +1325,9 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
             shard = torch.load(path(k), mmap=True, weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated or foreign: either way rebuilt once deleted
             fail(f"{path(k)} cannot be read ({' '.join(str(e).split())[:120]}): delete it and it is rebuilt")
+        if shard.get("shard_size", args.shard_size) != args.shard_size:   # older shards: not checked
+            fail(f"{path(k)} holds shards of {shard['shard_size']} pairs: give --shard-size {shard['shard_size']} or "
+                 "another --pairs-dir")
         built = shard.get("ode_steps", args.ode_steps)   # shards written before this field: not checked
         if built != args.ode_steps:
             fail(f"{path(k)} holds pairs of a {built}-step teacher ODE, not --ode-steps {args.ode_steps}: "
@@ -1345,8 +1352,8 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
             c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
             with autocast(args):
                 ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
-        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark},
-                   path(k) + ".tmp")
+        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark,
+                    "shard_size": args.shard_size}, path(k) + ".tmp")
         os.replace(path(k) + ".tmp", path(k))
         bar.update()
     bar.close()
@@ -1404,12 +1411,13 @@ def autocast(args):
 
 # Copied from dmd.py: write_log
 def write_log(history, out_dir):
-    """The loss log as CSV and a PNG plot of every column against the step."""
+    """The loss log as CSV and a PNG plot of every column against the step (columns added on a --resume with other
+    flags are blank before it)."""
     if not history:
         return
-    keys = list(history[0])
+    keys = list(dict.fromkeys(k for h in history for k in h))
     with open(os.path.join(out_dir, "log.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
+        w = csv.DictWriter(f, keys, restval="")
         w.writeheader()
         w.writerows(history)
     import matplotlib
@@ -1418,7 +1426,7 @@ def write_log(history, out_dir):
     cols = [k for k in keys if k.startswith("loss")]
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
     for ax, k in zip(axes[0], cols):
-        ax.plot([h["step"] for h in history], [h[k] for h in history])
+        ax.plot([h["step"] for h in history if k in h], [h[k] for h in history if k in h])
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -1461,7 +1469,7 @@ class Run:
             self.skipped, self.bad_run = ck["skipped"], ck["bad_run"]
             if self.rank < len(ck["rng"]):
                 set_rng_state(ck["rng"][self.rank])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
             fail(f"--resume: {self.args.resume_from or self.ckpt_path} does not fit this run "
                  f"({' '.join(str(e).split())[:160]})")
         self.saved = self.step

@@ -22,7 +22,7 @@ Equation map (paper, equation -> function)
   LPIPS Eq. 1   unit-weight LPIPS on EfficientNet features (--reg-loss effnet)  -> unweighted_lpips
   DMD Alg. 1    the training loop                                               -> train
   EDM Table 1   preconditioning c_skip, c_out, c_in, c_noise (Karras et al.)    -> edm_precond
-  EDM Alg. 1    deterministic Heun sampler (S_churn = 0), regression pairs      -> heun_sample
+  EDM Alg. 1    deterministic Heun sampler (S_churn = 0), regression pairs      -> heun_ode, Teacher.heun_sample
   CFG           mu_uncond + g (mu_cond - mu_uncond) for the real score (SD)     -> Teacher.mu_real
 
 Reading order: the equations as pure functions, the teacher interface, then train() as Algorithm 1 with its
@@ -851,6 +851,9 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
             shard = torch.load(path(k), mmap=True, weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated or foreign: either way rebuilt once deleted
             fail(f"{path(k)} cannot be read ({' '.join(str(e).split())[:120]}): delete it and it is rebuilt")
+        if shard.get("shard_size", args.shard_size) != args.shard_size:   # older shards: not checked
+            fail(f"{path(k)} holds shards of {shard['shard_size']} pairs: give --shard-size {shard['shard_size']} or "
+                 "another --pairs-dir")
         built = shard.get("ode_steps", args.ode_steps)   # shards written before this field: not checked
         if built != args.ode_steps:
             fail(f"{path(k)} holds pairs of a {built}-step teacher ODE, not --ode-steps {args.ode_steps}: "
@@ -875,8 +878,8 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
             c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
             with autocast(args):
                 ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
-        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark},
-                   path(k) + ".tmp")
+        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark,
+                    "shard_size": args.shard_size}, path(k) + ".tmp")
         os.replace(path(k) + ".tmp", path(k))
         bar.update()
     bar.close()
@@ -947,12 +950,13 @@ def export_generator(tch, gen, shape, args, path):
 
 
 def write_log(history, out_dir):
-    """The loss log as CSV and a PNG plot of every column against the step."""
+    """The loss log as CSV and a PNG plot of every column against the step (columns added on a --resume with other
+    flags are blank before it)."""
     if not history:
         return
-    keys = list(history[0])
+    keys = list(dict.fromkeys(k for h in history for k in h))
     with open(os.path.join(out_dir, "log.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
+        w = csv.DictWriter(f, keys, restval="")
         w.writeheader()
         w.writerows(history)
     import matplotlib
@@ -961,7 +965,7 @@ def write_log(history, out_dir):
     cols = [k for k in keys if k.startswith("loss")]
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
     for ax, k in zip(axes[0], cols):
-        ax.plot([h["step"] for h in history], [h[k] for h in history])
+        ax.plot([h["step"] for h in history if k in h], [h[k] for h in history if k in h])
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -1003,7 +1007,7 @@ class Run:
             self.skipped, self.bad_run = ck["skipped"], ck["bad_run"]
             if self.rank < len(ck["rng"]):
                 set_rng_state(ck["rng"][self.rank])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
             fail(f"--resume: {self.args.resume_from or self.ckpt_path} does not fit this run "
                  f"({' '.join(str(e).split())[:160]})")
         self.saved = self.step

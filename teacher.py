@@ -213,7 +213,7 @@ def parse_args(argv=None):
     args.resume = args.resume or args.resume_from is not None
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
-    args.micro_batch = args.batch_size   # one forward pass per step (no accumulation)
+    args.micro_batch, args.export_every = args.batch_size, 0   # one forward pass per step; one export, at the end
     return args
 
 
@@ -313,7 +313,7 @@ class Run:
             self.skipped, self.bad_run = ck["skipped"], ck["bad_run"]
             if self.rank < len(ck["rng"]):
                 set_rng_state(ck["rng"][self.rank])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
             fail(f"--resume: {self.args.resume_from or self.ckpt_path} does not fit this run "
                  f"({' '.join(str(e).split())[:160]})")
         self.saved = self.step
@@ -467,12 +467,13 @@ def setup_run(args, export_name=None):
 
 # Copied from dmd.py: write_log
 def write_log(history, out_dir):
-    """The loss log as CSV and a PNG plot of every column against the step."""
+    """The loss log as CSV and a PNG plot of every column against the step (columns added on a --resume with other
+    flags are blank before it)."""
     if not history:
         return
-    keys = list(history[0])
+    keys = list(dict.fromkeys(k for h in history for k in h))
     with open(os.path.join(out_dir, "log.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
+        w = csv.DictWriter(f, keys, restval="")
         w.writeheader()
         w.writerows(history)
     import matplotlib
@@ -481,7 +482,7 @@ def write_log(history, out_dir):
     cols = [k for k in keys if k.startswith("loss")]
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
     for ax, k in zip(axes[0], cols):
-        ax.plot([h["step"] for h in history], [h[k] for h in history])
+        ax.plot([h["step"] for h in history if k in h], [h[k] for h in history if k in h])
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()

@@ -534,3 +534,13 @@ def test_disc_updates_and_the_paired_term_in_a_run(tiny_add_world, tmp_path, cap
                 "--ode-steps", "2", "--shard-size", "12", "--pairs-dir", str(tmp_path / "pairs"))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "holds pairs of another teacher" in err and len(err.splitlines()) == 1, err
+
+
+def test_lambda_pair_switched_on_at_a_resume_keeps_the_log(tiny_add_world, tmp_path):
+    """A --resume that adds a log column (--lambda-pair switched on) writes it blank before the resume, and plots."""
+    run_add(tiny_add_world, tmp_path, "pix", "cls", "--max-steps", "1")
+    run_add(tiny_add_world, tmp_path, "pix", "cls", "--max-steps", "2", "--resume", "--lambda-pair", "1", "--pairs",
+            "24", "--ode-steps", "2", "--shard-size", "12")
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].endswith("loss_pair") and rows[1].endswith(",") and not rows[2].endswith(",")
+    assert (tmp_path / "loss.png").exists()
