@@ -183,6 +183,7 @@ def score_all(args, exports, final, run_dir, wall, flags=""):
                 os.replace(args.results + ".tmp", args.results)
     curve_figure(read_rows(args.results), args.results.replace(".csv", "_curves.png"))
     sample_figure(args, args.results.replace(".csv", "_samples.png"))
+    sample_figure(args, args.results.replace(".csv", "_add_samples.png"), ADD_FIGURE)
     print(f"rows in {args.results} ({time.strftime('%H:%M:%S')})")
 
 
@@ -224,6 +225,8 @@ def curve_figure(rows, path):
     plt.close(fig)
 
 
+ADD_FIGURE = [("add", "t1d_full", 1), ("add", "t1d_full", 4), ("add", "pair_full", 1), ("add", "pair_full", 4),
+              ("add", "pair_adv", 1), ("add", "pair_adv", 4), ("add", "pairp07_adv", 1), ("add", "pairp07_adv", 4)]
 FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("dmd", "ode32", 1), ("dmd", "ode32_noreg", 1),
           ("add", "full", 1), ("add", "full", 4), ("add", "adv", 1), ("add", "adv", 4), ("add", "distill", 1),
           ("add", "from_dmd", 1), ("add", "teacher_backbone", 1)]
@@ -244,7 +247,7 @@ def predicted_classes(ims):
     return ev.domain_features(classifier, ev.center_crop(ims, 28))[1]
 
 
-def sample_figure(args, path):
+def sample_figure(args, path, figure=FIGURE):
     """Six final-export samples per class (rows) for each seed-0 run of FIGURE that exists, beside the teacher's 32
     Heun steps: for the default teacher where benchmark/fmnist.py left them (runs/fmnist-cpu/samples), for another
     teacher its `ablate.py teacher` rows (the most steps), in PATH_TEACHER.png. Rows of unconditional samples are
@@ -253,8 +256,10 @@ def sample_figure(args, path):
     import numpy as np
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    if args.teacher_name == DEFAULT_TEACHER:
-        cols = [(os.path.join(ROOT, "runs", "fmnist-cpu", "samples", "teacher_full_32.npz"), "teacher, 32 steps")]
+    if args.teacher_name == DEFAULT_TEACHER:   # benchmark/fmnist.py's teacher samples, else `ablate.py teacher`'s
+        cols = [(os.path.join(ROOT, "runs", "fmnist-cpu", "samples", "teacher_full_32.npz"), "teacher, 32 steps"),
+                (os.path.join(args.out, "teacher_heun_seed0", "scores", "fmnist-cpu_32step.npz"), "teacher, 32 steps")]
+        cols = [c for c in cols if os.path.exists(c[0])][:1]
     else:
         path = path.replace(".png", f"_{args.teacher_name}.png")
 
@@ -262,7 +267,7 @@ def sample_figure(args, path):
             return int(re.search(r"_(\d+)step\.npz$", npz).group(1))
         found = glob.glob(os.path.join(args.out, tagged(args, "teacher_*") + "_seed0", "scores", "*step.npz"))
         cols = [(p, f"teacher, {steps_of(p)} steps") for p in sorted(found, key=steps_of)[-1:]]
-    for method, name, steps in FIGURE:
+    for method, name, steps in figure:
         final = "generator" if method == "dmd" else "student"
         npz = os.path.join(args.out, tagged(args, f"{method}_{name}") + "_seed0", "scores", f"{final}_{steps}step.npz")
         cols.append((npz, f"{method.upper()} {name}, {steps} step{'s' if steps > 1 else ''}"))
