@@ -182,6 +182,8 @@ def score_all(args, exports, final, run_dir, wall, flags=""):
                     w.writerows(rows)
                 os.replace(args.results + ".tmp", args.results)
     curve_figure(read_rows(args.results), args.results.replace(".csv", "_curves.png"))
+    curve_figure([r for r in read_rows(args.results) if (r["method"], r["name"]) in ADD_CURVES],
+                 args.results.replace(".csv", "_add_curves.png"))   # the ADD levers' curves alone, readable
     sample_figure(args, args.results.replace(".csv", "_samples.png"))
     sample_figure(args, args.results.replace(".csv", "_add_samples.png"), ADD_FIGURE)
     print(f"rows in {args.results} ({time.strftime('%H:%M:%S')})")
@@ -227,6 +229,7 @@ def curve_figure(rows, path):
 
 ADD_FIGURE = [("add", "t1d_full", 1), ("add", "t1d_full", 4), ("add", "pair_full", 1), ("add", "pair_full", 4),
               ("add", "pair_adv", 1), ("add", "pair_adv", 4), ("add", "pairp07_adv", 1), ("add", "pairp07_adv", 4)]
+ADD_CURVES = {("add", n) for n in ("t1d_full", "pair_full", "pair_adv", "pairT_full", "dupd4_full")}
 FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("dmd", "ode32", 1), ("dmd", "ode32_noreg", 1),
           ("add", "full", 1), ("add", "full", 4), ("add", "adv", 1), ("add", "adv", 4), ("add", "distill", 1),
           ("add", "from_dmd", 1), ("add", "teacher_backbone", 1)]
