@@ -146,7 +146,8 @@ def main(argv=None):
         prev = float(open(wall_file).read()) if resume and os.path.exists(wall_file) else 0.0
         open(wall_file, "w").write(f"{prev + wall:.1f}\n")
         for old in glob.glob(os.path.join(run_dir, "scores", os.path.basename(final) + "_*step.npz")):
-            os.remove(old)   # samples of an earlier final export (a run continued to more steps): not this one
+            if re.fullmatch(r"\d+step\.npz", os.path.basename(old).split("_", 1)[1]):   # not the numbered exports'
+                os.remove(old)   # samples of an earlier final export (a run continued to more steps): not this one
     wall = float(open(wall_file).read()) if os.path.exists(wall_file) else ""
     final_steps = max(int(r["step"]) for r in csv.DictReader(open(os.path.join(run_dir, "log.csv"))))
     exports = [(int(p.rsplit("_", 1)[1]), p) for p in sorted(glob.glob(final + "_*"))] + [(final_steps, final)]

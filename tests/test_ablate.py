@@ -112,7 +112,9 @@ def test_a_continued_run_scores_its_new_final_export_with_new_samples(tmp_path, 
     run_dir = tmp_path / "runs" / "dmd_full_seed0"
     os.rename(run_dir / "generator", run_dir / "generator_0000003")
     (run_dir / "checkpoint.pt").write_text("")
+    (run_dir / "scores" / "generator_0000002_1step.npz").write_text("")   # a numbered export's samples: kept
     ablate.main(["dmd", "full", *common, "--", "--max-steps", "5"])
+    assert (run_dir / "scores" / "generator_0000002_1step.npz").exists()
     final = [c for c in calls if c.startswith(f"eval.py generate --generator {run_dir / 'generator'} ")]
     assert len(final) == 2 and "--resume" in [c for c in calls if c.startswith("dmd.py")][-1]
     rows = list(csv.DictReader(open(tmp_path / "a.csv")))
