@@ -15,7 +15,9 @@ sampling steps) goes to benchmark/results/cpu/ablations.csv; a row already there
 share one set of regression pairs per teacher (runs/ablate/dmd_pairs, seed 0), ADD runs with --lambda-pair one per
 pair count and ODE steps (runs/ablate/add_pairs4096_ode32). Another --teacher works in folders
 named after it (runs/ablate/dmd_full_fmnist-cpu-uncond_seed0); an unconditional teacher's rows carry class coverage
-(and the predicted-class shares) instead of class accuracy. Set OMP_NUM_THREADS to run two at once.
+(and the predicted-class shares) instead of class accuracy. Set OMP_NUM_THREADS to run two at once. The figures
+beside the CSV: _curves.png (every run with two or more exports), _add_curves.png (the ADD levers), _samples.png
+and _add_samples.png (final exports, six samples per class, beside the teacher).
 """
 import argparse
 import csv
@@ -228,8 +230,8 @@ def curve_figure(rows, path):
     plt.close(fig)
 
 
-ADD_FIGURE = [("add", "t1d_full", 1), ("add", "t1d_full", 4), ("add", "pair_full", 1), ("add", "pair_full", 4),
-              ("add", "pair_adv", 1), ("add", "pair_adv", 4), ("add", "pairp07_adv", 1), ("add", "pairp07_adv", 4)]
+ADD_FIGURE = [("add", "t1d_full", 1), ("add", "t1d_full", 4), ("add", "adv", 1), ("add", "adv", 4),
+              ("add", "pair_full", 1), ("add", "pair_full", 4), ("add", "pair_adv", 1), ("add", "pair_adv", 4)]
 ADD_CURVES = {("add", n) for n in ("t1d_full", "pair_full", "pair_adv", "pairT_full", "dupd4_full")}
 FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("dmd", "ode32", 1), ("dmd", "ode32_noreg", 1),
           ("add", "full", 1), ("add", "full", 4), ("add", "adv", 1), ("add", "adv", 4), ("add", "distill", 1),
