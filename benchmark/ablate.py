@@ -184,8 +184,9 @@ def score_all(args, exports, final, run_dir, wall, flags=""):
                     w.writeheader()
                     w.writerows(rows)
                 os.replace(args.results + ".tmp", args.results)
-    curve_figure(read_rows(args.results), args.results.replace(".csv", "_curves.png"))
-    curve_figure([r for r in read_rows(args.results) if (r["method"], r["name"]) in ADD_CURVES],
+    rows = read_rows(args.results)
+    curve_figure(rows, args.results.replace(".csv", "_curves.png"))
+    curve_figure([r for r in rows if (r["method"], r["name"]) in ADD_CURVES],
                  args.results.replace(".csv", "_add_curves.png"))   # the ADD levers' curves alone, readable
     sample_figure(args, args.results.replace(".csv", "_samples.png"))
     sample_figure(args, args.results.replace(".csv", "_add_samples.png"), ADD_FIGURE)
