@@ -44,6 +44,7 @@ import random
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -117,14 +118,40 @@ def nfsd_target(x_hat, eps_u, eps_c, eps_neg, alpha, sigma, t, guidance):
     return x_hat - sigma / alpha * (delta_d + guidance * (eps_c - eps_u))
 
 
-def paired_loss(x_hat, y, rows):
+def paired_loss(x_hat, y, rows, weight=None):
     """Deviation --lambda-pair (DMD Eq. 9's regression; AMD's recipe): at the pure-noise student step, the output from
     a pair's noise z against the teacher's ODE output y(z), d = squared L2 summed over pixels as in Eq. 4, averaged
-    over the batch: E[1{s = T} d(x_hat, y)]. x_hat, y: (B, ...); rows: (B,) bool, True where s = T. The other
-    rows add zero and get no gradient (their y is ignored)."""
+    over the batch: E[1{s = T} d(x_hat, y)]. x_hat, y: (B, ...); rows: (B,) bool, True where s = T (every row with
+    --pair-steps all). The other rows add zero and get no gradient (their y is ignored). The anchors of the later
+    steps (--anchor ode | recon) use it on their rows, with per-row weights `weight` (B,) (recon: alpha_s^2)."""
     x_hat = x_hat.float()
     y = torch.where(rows.view(-1, *[1] * (x_hat.dim() - 1)), y.detach().float(), x_hat.detach())   # others: d = 0
-    return (x_hat - y).pow(2).flatten(1).sum(1).mean()
+    d = (x_hat - y).pow(2).flatten(1).sum(1)
+    return (d if weight is None else d * weight).mean()
+
+
+def ode_levels(r_min, r_max, steps, through=(), rho=7.0):
+    """The noise ratios r = sigma / alpha of a Heun ODE (heun_ode_levels), descending, then 0: EDM's `steps` Karras
+    levels (karras_sigmas) with the ratios `through` inserted, so that the trajectory passes exactly through them
+    (--pair-steps all, --anchor ode: the student's noise levels). -> a list of floats."""
+    return sorted(set(karras_sigmas(steps, r_min, r_max, rho).tolist()) | set(through), reverse=True) + [0.0]
+
+
+@torch.no_grad()
+def heun_ode_levels(denoise, x, levels, keep=()):
+    """heun_ode (EDM Algorithm 1, deterministic Heun, S_churn = 0) on given levels: from x~ = x at r = levels[0]
+    through the descending ratios `levels` to levels[-1] = 0, in x~ = x / alpha, dx~/dr = (x~ - D(x~; r)) / r.
+    -> (x~ at r = 0, [x~ at each ratio of `keep`, which must be among the levels])."""
+    kept = {}
+    for r, r_next in zip(levels[:-1], levels[1:]):
+        if r in keep:
+            kept[r] = x
+        d = (x - denoise(x, r)) / r
+        x_next = x + (r_next - r) * d
+        if r_next > 0:
+            x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
+        x = x_next
+    return x, [kept[r] for r in keep]
 
 
 def student_step_indices(n, count, probs=None, device=None):
@@ -152,6 +179,7 @@ class Teacher:
         clamped = abar.double().clamp(min=2.0 ** -24)   # the ODE's r_max = sigma / alpha stays finite (as dmd.py)
         self.log_r = ((1 - clamped) / clamped).sqrt().log()   # (T,) log(sigma_t / alpha_t), ascending
         self.num_classes, self.text, self.xl = num_classes, bool(encoders), len(encoders) == 2
+        self.pair_states_at = None   # --pair-steps all: the later student steps whose ODE states the pairs keep
         if prediction_type == "epsilon" and self.alpha[-1] == 0:
             fail("an eps-prediction teacher whose own schedule ends at alpha = 0 cannot be read at t = T - 1")
 
@@ -192,8 +220,40 @@ class Teacher:
         return (x_t - a * self.x0(net, x_t, t, cond, res)) / s
 
     def heun_sample(self, z, cond, steps, uncond=None):
-        """The teacher's deterministic ODE sample from noise z: the --lambda-pair pairs' y (teacher_ode_sample)."""
+        """The teacher's deterministic ODE sample from noise z: the --lambda-pair pairs' y (teacher_ode_sample); with
+        pair_states_at (--pair-steps all) {'y': y, 'states': its trajectory's states there} (ode_trajectory)."""
+        if self.pair_states_at:
+            return self.ode_trajectory(z, cond, steps, self.pair_states_at)
         return teacher_ode_sample(self, z, cond, steps)
+
+    def ode_levels(self, steps, timesteps):
+        """The ratios r of the teacher's Heun ODE for the later student steps (ode_levels): `steps` Karras levels
+        between the teacher's r_min and r_max, and each student step s's r_s = zt_sigma_s / zt_alpha_s."""
+        return ode_levels(self.log_r[0].exp().item(), self.log_r[-1].exp().item(), steps,
+                          [self.student_ratio(s) for s in timesteps[1:]])
+
+    def student_ratio(self, s):
+        """r_s = zt_sigma_s / zt_alpha_s: the noise ratio of the student's input at a step s < T (a float)."""
+        return (self.zt_sigma[s] / self.zt_alpha[s]).item()
+
+    @torch.no_grad()
+    def ode_trajectory(self, z, cond, steps, timesteps):
+        """--pair-steps all: the teacher's ODE from noise z, passing exactly through each later student step s of
+        `timesteps`. -> {'y': its end (B, ...), 'states': the student's input there, x_s = zt_alpha_s x~_s (B, N - 1,
+        ...)}: the state on the student's own schedule at s, as a real x_0 noised at s would be."""
+        levels, later = self.ode_levels(steps, timesteps), timesteps[1:]
+        y, kept = heun_ode_levels(teacher_denoiser(self, cond), z * self.log_r[-1].exp().item(), levels,
+                                  [self.student_ratio(s) for s in later])
+        return {"y": y, "states": torch.stack([self.zt_alpha[s] * x for s, x in zip(later, kept)], 1)}
+
+    @torch.no_grad()
+    def ode_from(self, x_s, s, cond, steps, timesteps):
+        """--anchor ode: the end of the teacher's ODE trajectory through the student's input x_s (B, ...) at its
+        student step s (an int of `timesteps[1:]`, every row alike): from x~ = x_s / zt_alpha_s over the levels of
+        ode_levels below r_s, the same levels ode_trajectory takes (so a stored state ends at its pair's y)."""
+        levels = self.ode_levels(steps, timesteps)
+        tail = levels[levels.index(self.student_ratio(s)):]
+        return heun_ode_levels(teacher_denoiser(self, cond), x_s / self.zt_alpha[s], tail)[0]
 
     @torch.no_grad()
     def distillation_target(self, x_hat, x_t, t, cond, uncond, negative, weighting, guidance, res):
@@ -444,6 +504,46 @@ def sample(tch, student, z, cond, timesteps, res):
     return x_hat
 
 
+@torch.no_grad()
+def backward_simulation(tch, student, z, cond, timesteps, steps, res):
+    """--backward-sim (DMD2, arXiv:2405.14867, Sec. 4.5): the input of each row at its later student step as
+    sample() makes it at inference: the student's own chain from pure noise z through timesteps[:k], re-noised at
+    timesteps[k] with fresh noise, no gradient. z: (B, ...), steps: (B,) indices k >= 1 into timesteps -> x_s."""
+    x = z.clone()
+    for i in range(int(steps.max())):
+        live = (steps > i).nonzero()[:, 0]   # rows whose chain goes on past step i
+        t = torch.full((len(live),), timesteps[i], device=z.device, dtype=torch.long)
+        x_hat = tch.x0(student, x[live], t, rows_of(cond, live), res)
+        s = timesteps[i + 1]
+        x[live] = add_noise(x_hat, torch.randn_like(x_hat), tch.zt_alpha[s], tch.zt_sigma[s])
+    return x
+
+
+def anchor_target(tch, args, x_s, x0, img0, steps, later, cond):
+    """--anchor ode | recon: a target for each row at a later student step that holds no pair (`later`, (B,) bool),
+    in pixels, and its weight (B,) (0 on the other rows). ode: the end of the teacher's ODE trajectory through the
+    row's own input x_s (Teacher.ode_from, --anchor-ode-steps levels), weight 1: one sample, not a mean. recon: the
+    row's x_0, weight alpha_s^2 (the student's schedule): the posterior mean's target. steps: (B,) student step
+    indices. -> (target (B, ...), weight), or (None, None) without such an anchor or rows."""
+    if args.anchor not in ("ode", "recon") or not later.any():
+        return None, None
+    ts = args.student_timesteps
+    with torch.no_grad():
+        if args.anchor == "recon":
+            alpha_s = tch.zt_alpha[torch.tensor(ts, device=x_s.device)[steps]]
+            return (tch.decode(x0) if img0 is None else img0), later.float() * alpha_s ** 2
+        y = torch.zeros_like(x_s)
+        for k in steps[later].unique().tolist():   # rows of one step at a time: they share the ODE's levels
+            rows = (later & (steps == k)).nonzero()[:, 0]
+            y[rows] = tch.ode_from(x_s[rows], ts[k], rows_of(cond, rows), args.anchor_ode_steps, ts)
+        return tch.decode(y), later.float()
+
+
+def rows_of(cond, rows):
+    """The conditioning of some rows of a batch: each tensor of the dict indexed by `rows` (B,) along dim 0."""
+    return {k: v[rows] for k, v in cond.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training: ADD (Sec. 3, Fig. 2)
 # ----------------------------------------------------------------------------------------------------------
@@ -457,6 +557,8 @@ def train(args, stop=None):
     tch = load_teacher(args, device)
     if args.distill_weighting == "nfsd" and not tch.text:
         fail("--distill-weighting nfsd needs a text-to-image teacher (it uses unconditional and negative prompts)")
+    if args.anchor == "ode" and (tch.text or tch.vae is not None):
+        fail("--anchor ode is built for pixel teachers (class-conditional or unconditional) only")
     res, shape = args.resolution, sample_shape(tch, args)
     data = load_data(tch, args, shape, device, run.rank, run.world)   # real x_0, or the teacher's own (LADD)
     pairs = load_pairs(tch, args, shape, device, run.rank, run.world) if args.lambda_pair else None
@@ -468,7 +570,9 @@ def train(args, stop=None):
                               weight_decay=args.weight_decay, fused=device.type == "cuda")
     opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=args.lr_disc, weight_decay=args.weight_decay,
                               betas=(0.0, 0.99), fused=device.type == "cuda")
-    run.resume({"student": student, "heads": disc.heads, "opt_s": opt_s, "opt_d": opt_d},
+    ema = copy.deepcopy(student).requires_grad_(False) if args.ema else None   # --ema: what is sampled and exported
+    run.resume({"student": student, "heads": disc.heads, "opt_s": opt_s, "opt_d": opt_d} |
+               ({"ema": ema} if ema is not None else {}),
                lrs=[(opt_s, None, args.lr, "lr"), (opt_d, None, args.lr_disc, "lr_disc")])
     run_student, run_heads = run.wrap(student, args.compile), run.wrap(disc)
     uncond = tch.encode_text([""], device) if tch.text else None
@@ -489,8 +593,12 @@ def train(args, stop=None):
 
     def student_batch():
         """Step 1: real x_0 (or the teacher's own latents), noised at a student timestep s (zero terminal SNR),
-        denoised by the student. With --lambda-pair the pure-noise rows take a pair's noise z (x_s = z at s = T) and
-        y(z) as their target. -> real (the discriminator's real input), cond, x_hat, img_hat, c, y, at_noise."""
+        denoised by the student. Deviations: --lambda-pair: the pure-noise rows (every row with --pair-steps all)
+        take a pair's ODE state at s as x_s (its noise z at s = T) and y(z) as their target; --backward-sim: the rows
+        at s < T take the student's own chain from pure noise instead (backward_simulation); --anchor ode | recon: a
+        target for the rows at s < T that hold no pair (anchor_target). -> a namespace: real (the discriminator's
+        real input), cond, x_hat, img_hat (pixels), c, y and paired (pair targets and their rows), anchor and
+        anchor_weight, later (rows at s < T without a pair)."""
         batch, raw = data.batch(m)
         batch, cond = batch.to(device), conditioning(raw)
         with torch.no_grad():
@@ -499,81 +607,108 @@ def train(args, stop=None):
             real = x0 if on_teacher else img0
             c_img = disc.feat(real, cond, torch.zeros(m, dtype=torch.long, device=device))[1] \
                 if args.disc_cond in ("img", "both") else None   # c_img of the clean x_0 (t = 0)
-        s = ts[student_step_indices(m, len(ts), args.student_timestep_probs, device)]
+        k = student_step_indices(m, len(ts), args.student_timestep_probs, device)
+        s = ts[k]
         eps, y, at_noise = torch.randn_like(x0), None, s == ts[0]
-        if pairs is not None and at_noise.any():
-            rows = at_noise.nonzero()[:, 0]
-            z_ref, y_ref = pairs.draw([raw[i] for i in rows.tolist()] if tch.num_classes else [None] * len(rows))
+        paired = torch.zeros_like(at_noise) if pairs is None else at_noise | (args.pair_steps == "all")
+        if paired.any():
+            rows = paired.nonzero()[:, 0]
+            z_ref, y_ref, x_ref = pairs.draw([raw[i] for i in rows.tolist()] if tch.num_classes else [None] * len(rows),
+                                             k[rows])
             eps[rows], y = z_ref.to(device, eps.dtype), torch.zeros_like(x0)
             y[rows] = y_ref.to(device, y.dtype)
         x_s = add_noise(x0, eps, tch.zt_alpha[s].view(-1, 1, 1, 1), tch.zt_sigma[s].view(-1, 1, 1, 1))
+        if args.pair_steps == "all" and paired.any():   # the pair's ODE state at s (its z at s = T)
+            x_s[rows] = x_ref.to(device, x_s.dtype)
+        later = ~at_noise & ~paired
+        if args.backward_sim and later.any():   # the inputs at s < T as inference makes them (no gradient)
+            rows = later.nonzero()[:, 0]
+            x_s[rows] = backward_simulation(tch, run_student, torch.randn_like(x_s[rows]), rows_of(cond, rows),
+                                            args.student_timesteps, k[rows], res)
         x_hat = tch.x0(run_student, x_s, s, cond, res)
-        img_hat = tch.decode(x_hat) if use_distill or not on_teacher or pairs is not None else None   # pixels
-        keep_img = s != ts[0] if args.img_cond_at_noise == "drop" else None   # no c_img at pure noise
+        img_hat = tch.decode(x_hat) if use_distill or not on_teacher or pairs is not None or args.anchor != "none" \
+            else None   # pixels
+        anchor, weight = anchor_target(tch, args, x_s, x0, img0, k, later, cond)
+        saw_x0 = ~(at_noise | paired | (later & args.backward_sim))   # c_img only where x_s came from x_0
+        keep_img = saw_x0 if args.img_cond_at_noise == "drop" else None   # no c_img at pure noise
         c = disc_condition(args.disc_cond, tch.c_text(cond), c_img, keep_img)
-        return real, cond, x_hat, img_hat, c, y, at_noise
+        return SimpleNamespace(real=real, cond=cond, x_hat=x_hat, img_hat=img_hat, c=c, y=y, paired=paired,
+                               anchor=anchor, anchor_weight=weight, later=later)
 
     def grid(path):
-        save_grids(tch, student, z_vis, lambda: conditioning(vis_conds), args, device, path)
+        save_grids(tch, student if ema is None else ema, z_vis, lambda: conditioning(vis_conds), args, device, path)
 
     def export(path):
-        export_student(tch, student, args, shape, path)
+        export_student(tch, student if ema is None else ema, args, shape, path)
 
     run.start()
     while run.step < args.max_steps:
         sums = {"loss_adv": 0.0, "loss_distill": 0.0, "loss_disc": 0.0, "r1": 0.0} | \
-            ({"loss_pair": 0.0} if pairs is not None else {})
+            ({"loss_pair": 0.0} if pairs is not None else {}) | ({"loss_anchor": 0.0} if args.anchor != "none" else {})
         stash = []
         opt_s.zero_grad(set_to_none=True)
-        for k in range(accum):
-            with run.sync(run_student, k), autocast(args):
+        for i in range(accum):
+            with run.sync(run_student, i), autocast(args):
                 # 1. real x_0 noised at a student timestep s (zero terminal SNR), denoised by the student
-                real, cond, x_hat, img_hat, c, y, at_noise = student_batch()
-                loss = x_hat.new_zeros((), dtype=torch.float32)
+                b = student_batch()
+                loss = b.x_hat.new_zeros((), dtype=torch.float32)
                 if use_adv:
                     # 2. adversarial loss (Eq. 2) through the frozen feature network
-                    loss_adv = adversarial_generator_loss(disc(features(x_hat if on_teacher else img_hat, cond), c))
+                    loss_adv = adversarial_generator_loss(disc(features(b.x_hat if on_teacher else b.img_hat, b.cond),
+                                                               b.c))
                     loss = loss + loss_adv
                     sums["loss_adv"] += loss_adv.item() / accum
-                if use_distill:
-                    # 3. score distillation (Eq. 4): re-noise sg(x_hat) at t, one teacher step, distance in pixels
+                if use_distill or args.anchor == "distill":
+                    # 3. score distillation (Eq. 4): re-noise sg(x_hat) at t, one teacher step, distance in pixels;
+                    #    deviation --anchor distill: on the rows at s < T only, weighted by --lambda-anchor
                     with torch.no_grad():
                         t = torch.randint(1, len(tch.alpha), (m,), device=device)
-                        a, sg = tch.alpha[t].view(-1, 1, 1, 1), tch.sigma[t].view(-1, 1, 1, 1)
-                        x_t = add_noise(x_hat.detach(), torch.randn_like(x_hat), a, sg)
-                        target = tch.distillation_target(x_hat.detach(), x_t, t, cond, uncond, negative,
+                        alpha_t, sigma_t = tch.alpha[t].view(-1, 1, 1, 1), tch.sigma[t].view(-1, 1, 1, 1)
+                        x_t = add_noise(b.x_hat.detach(), torch.randn_like(b.x_hat), alpha_t, sigma_t)
+                        target = tch.distillation_target(b.x_hat.detach(), x_t, t, b.cond, uncond, negative,
                                                          args.distill_weighting, guidance, res)
                         target_img = tch.decode(target)
-                    c_t = distillation_weight(args.distill_weighting, a, sg)
-                    loss_distill = score_distillation_loss(img_hat, target_img, c_t)
-                    loss = loss + args.lambda_distill * loss_distill
-                    sums["loss_distill"] += loss_distill.item() / accum
-                if y is not None:
-                    # 3b. deviation --lambda-pair: the pure-noise rows against the teacher's ODE output y(z)
-                    loss_pair = paired_loss(img_hat, y, at_noise)
+                    c_t = distillation_weight(args.distill_weighting, alpha_t, sigma_t)
+                    c_t = c_t if use_distill else c_t * b.later.view(-1, 1, 1, 1)
+                    loss_distill = score_distillation_loss(b.img_hat, target_img, c_t)
+                    weight, name = (args.lambda_distill, "loss_distill") if use_distill else \
+                        (args.lambda_anchor, "loss_anchor")
+                    loss = loss + weight * loss_distill
+                    sums[name] += loss_distill.item() / accum
+                if b.y is not None:
+                    # 3b. deviation --lambda-pair: the pair rows against the teacher's ODE output y(z)
+                    loss_pair = paired_loss(b.img_hat, b.y, b.paired)
                     loss = loss + args.lambda_pair * loss_pair
                     sums["loss_pair"] += loss_pair.item() / accum
-                # 4. L = L_adv^G + lambda L_distill (Eq. 1), + lambda_pair L_pair with --lambda-pair
+                if b.anchor is not None:
+                    # 3c. deviation --anchor ode | recon: the rows at s < T against their anchor's target
+                    loss_anchor = paired_loss(b.img_hat, b.anchor, b.anchor_weight > 0, b.anchor_weight)
+                    loss = loss + args.lambda_anchor * loss_anchor
+                    sums["loss_anchor"] += loss_anchor.item() / accum
+                # 4. L = L_adv^G + lambda L_distill (Eq. 1), + the deviations' terms
                 (loss / accum).backward()
-            stash.append((real, (x_hat if on_teacher else img_hat).detach(), c, cond))
+            stash.append((b.real, (b.x_hat if on_teacher else b.img_hat).detach(), b.c, b.cond))
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        bad = nonfinite({"loss_adv": sums["loss_adv"], "loss_distill": sums["loss_distill"],
-                         "loss_pair": sums.get("loss_pair", 0.0), "student gradient norm": norm}, run.world, device)
-        if not bad:   # no update from a nan / inf loss or gradient norm
+        bad = nonfinite({k: v for k, v in sums.items() if k not in ("loss_disc", "r1")} |
+                        {"student gradient norm": norm}, run.world, device)
+        if not bad:   # no update from a nan / inf loss or gradient norm; --ema: the moving average follows
             opt_s.step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(student.parameters()), 1 - args.ema)
         for j in range(args.disc_updates if use_adv else 0):
             # 5. discriminator: hinge on real x_0 vs student samples, R1 on each head's (real) input (Eq. 3); with
             #    --disc-updates N, updates 2..N each on fresh real images and samples of the updated student
             opt_d.zero_grad(set_to_none=True)
             loss_d, loss_r1 = 0.0, 0.0
-            for k in range(accum):
-                with run.sync(run_heads, k), autocast(args):
+            for i in range(accum):
+                with run.sync(run_heads, i), autocast(args):
                     if j == 0:
-                        real, fake, c, cond = stash[k]
+                        real, fake, c, cond = stash[i]
                     else:
                         with torch.no_grad():
-                            real, cond, x_hat, img_hat, c, _, _ = student_batch()
-                            fake = x_hat if on_teacher else img_hat
+                            b = student_batch()
+                            real, fake, c, cond = b.real, b.x_hat if on_teacher else b.img_hat, b.c, b.cond
                     with torch.no_grad():
                         f_real, f_fake = features(real, cond), features(fake, cond)
                     f_real = [f.requires_grad_(True) for f in f_real]   # R1 on each head's (augmented) input
@@ -714,6 +849,23 @@ def parse_args(argv=None):
     a("--ode-steps", type=int, default=32, help="--lambda-pair: Heun steps of the teacher ODE that builds the pairs")
     a("--pairs-dir", default=None, help="--lambda-pair: where the pair shards are built (resumably) and reused by "
       "later runs of the same teacher (default OUTPUT_DIR/pairs)")
+    a("--pair-steps", choices=["T", "all"], default="T", help="--lambda-pair: T: pairs at the pure-noise student "
+      "step only; all (deviation): the pairs also keep the teacher's ODE state at each later student step (the ODE "
+      "integrated through those noise levels), and every row takes its pair's state at its step s as x_s and y(z) "
+      "as its target (the discriminator's real side stays real data; no c_img for these rows)")
+    a("--anchor", choices=["none", "ode", "recon", "distill"], default="none", help="deviation: a target for the "
+      "rows at the later student steps (s < T) that hold no pair, weighted by --lambda-anchor: ode: the end of the "
+      "teacher's ODE trajectory through the row's own input x_s, run on the fly; recon: its x_0, weight alpha_s^2; "
+      "distill: the paper's Eq. 4 on those rows only; none: the paper")
+    a("--lambda-anchor", type=float, default=1.0, help="--anchor: its weight (ode, recon: squared L2 summed over "
+      "pixels, as Eq. 4's d; distill: in place of lambda)")
+    a("--anchor-ode-steps", type=int, default=None, help="--anchor ode: the Karras levels of the teacher's ODE over "
+      "its whole range (default: --ode-steps); a row at s is integrated over those below its own level r_s")
+    a("--backward-sim", action="store_true", help="deviation (DMD2 Sec. 4.5): the rows at s < T take as input the "
+      "student's own chain from pure noise, re-noised at s as sample() does (no gradient through the earlier "
+      "steps, no c_img); the paper noises real x_0")
+    a("--ema", type=float, default=0.0, help="EMA decay of the student's weights (deviation; 0 = off): the EMA "
+      "weights are sampled in the grids and exported")
     a("--disc-updates", type=int, default=1, help="deviation: discriminator updates per student update, each after "
       "the first on fresh student samples and real images (paper: 1; LADD-style runs use 4 to 8)")
     a("--student-init", default="teacher", help="Table 1c: student initialisation, teacher | random, or a "
@@ -778,10 +930,25 @@ def parse_args(argv=None):
         p.error("--lambda-pair acts at the pure-noise student step, whose --student-timestep-probs is 0")
     if args.lambda_pair and args.img_cond_at_noise == "keep":
         p.error("--lambda-pair with --img-cond-at-noise keep: the pair rows would be judged against an unrelated c_img")
+    if args.pair_steps == "all" and not args.lambda_pair:
+        p.error("--pair-steps all needs --lambda-pair (it says which student steps the pairs act at)")
+    if args.anchor != "none" and args.pair_steps == "all":
+        p.error(f"--anchor {args.anchor} with --pair-steps all: every row already has its pair's target")
+    if args.anchor == "distill" and args.loss != "adv":
+        p.error(f"--anchor distill with --loss {args.loss}: Eq. 4 already acts on every row (use --loss adv)")
+    if args.backward_sim and (args.pair_steps == "all" or args.img_cond_at_noise == "keep"):
+        p.error("--backward-sim makes the later rows' inputs: not with --pair-steps all or --img-cond-at-noise keep")
+    if args.lambda_anchor < 0 or not 0 <= args.ema < 1:
+        p.error("need --lambda-anchor >= 0 and 0 <= --ema < 1")
+    args.anchor_ode_steps = args.anchor_ode_steps or args.ode_steps
+    if args.anchor_ode_steps < 2:
+        p.error("--anchor-ode-steps must be >= 2")
     if args.disc_updates > 1 and args.loss == "distill":
         p.error("--disc-updates: --loss distill trains no discriminator")
-    if args.lambda_pair and (args.teacher in HUB or os.path.exists(os.path.join(args.teacher, "model_index.json"))):
-        p.error("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
+    if (args.lambda_pair or args.anchor == "ode") and \
+            (args.teacher in HUB or os.path.exists(os.path.join(args.teacher, "model_index.json"))):
+        p.error(f"--{'lambda-pair' if args.lambda_pair else 'anchor ode'} is built for pixel teachers "
+                "(class-conditional or unconditional) only")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is visible")
@@ -913,12 +1080,15 @@ def init_student(tch, args, device):
 def build_discriminator(tch, args, device):
     """The frozen feature network F (--disc-backbone; 'teacher': LADD's teacher features) and one trainable head per
     level, conditioned by projection on --disc-cond (the sizes of c_text and c_img probed once)."""
-    feat = (TeacherFeatures(tch, args.resolution, args.disc_t_mean) if args.disc_backbone == "teacher" else
-            FeatureNetwork(args.disc_backbone, args.disc_size)).to(device)
     with torch.no_grad():
         probe = {"labels": torch.zeros(1, dtype=torch.long, device=device)} if not tch.text else \
             tch.encode_text([""], device)
-        dims = {"text": 0 if tch.c_text(probe) is None else tch.c_text(probe).shape[1], "img": feat.embed_dim}
+        c_text = tch.c_text(probe)
+    if args.disc_cond == "text" and c_text is None:
+        fail("--disc-cond text: this teacher is unconditional (no class or text embedding): use none or img")
+    feat = (TeacherFeatures(tch, args.resolution, args.disc_t_mean) if args.disc_backbone == "teacher" else
+            FeatureNetwork(args.disc_backbone, args.disc_size)).to(device)
+    dims = {"text": 0 if c_text is None else c_text.shape[1], "img": feat.embed_dim}
     cond_dim = {"none": 0, "text": dims["text"], "img": dims["img"], "both": dims["text"] + dims["img"]}[args.disc_cond]
     return Discriminator(feat, cond_dim, args.disc_heads).to(device)
 
@@ -1206,6 +1376,7 @@ def load_pairs(tch, args, shape, device, rank, world):
     """--lambda-pair: the teacher's ODE pairs (z, y(z)), built once in shards (the copied build_pairs)."""
     if tch.text or tch.vae is not None:   # a hub id of a text-to-image teacher (local ones: parse_args)
         fail("--lambda-pair is built for pixel teachers (class-conditional or unconditional) only")
+    tch.pair_states_at = args.student_timesteps if args.pair_steps == "all" else None
     shards = build_pairs(tch, PairConditions(tch, device), args, shape, device, rank, world)
     return PairSampler(shards, args.num_pairs, tch.num_classes)
 
@@ -1215,6 +1386,12 @@ def teacher_ode_sample(tch, z, cond, steps):
     """The teacher's deterministic ODE sample from noise z (the pairs' y, as dmd.py's): heun_ode on its x0
     prediction at the fractional step t whose noise ratio sigma_t / alpha_t is r (log r linear between the
     table's steps; the UNet takes fractional t). Pixel teachers (no guidance). z: (B, C, H, W)."""
+    return heun_ode(teacher_denoiser(tch, cond), z, tch.log_r[0].exp().item(), tch.log_r[-1].exp().item(), steps)
+
+
+def teacher_denoiser(tch, cond):
+    """The ODE's D(x~; r) -> x0_hat in x~ = x / alpha, r = sigma / alpha: the teacher's x0 prediction at the
+    fractional step t whose ratio sigma_t / alpha_t is r (log r linear between the table's steps)."""
     T = len(tch.log_r)
 
     def D(x, r):
@@ -1230,7 +1407,7 @@ def teacher_ode_sample(tch, z, cond, steps):
         out = tch.output(tch.unet, a * x, tt, cond, x.shape[-1])
         return x0_from_output(out, a * x, a, r_t * a, tch.prediction_type)
 
-    return heun_ode(D, z, tch.log_r[0].exp().item(), tch.log_r[-1].exp().item(), steps)
+    return D
 
 
 class PairConditions:
@@ -1259,14 +1436,19 @@ class PairSampler:
         if empty:
             fail(f"--pairs {num_pairs}: no pair of class {empty[0]} among them; give more --pairs")
 
-    def draw(self, labels):
-        """labels: the class of each pure-noise row (or None: unconditional) -> z, y of as many pairs."""
+    def draw(self, labels, steps):
+        """labels: the class of each pair row (or None: unconditional), steps: (n,) its student step index -> z, y of
+        as many pairs and the rows' inputs: z at the pure-noise step, else the ODE state kept there (--pair-steps
+        all)."""
         if self.by_class is None:
             idx = torch.randint(0, self.num_pairs, (len(labels),))
         else:
             idx = torch.stack([self.by_class[k][torch.randint(0, len(self.by_class[k]), ())] for k in labels])
         z, y, _ = take_pairs(self.shards, idx)
-        return z, y
+        size = len(self.shards[0]["z"])
+        x = [z[n] if k == 0 else self.shards[i // size]["states"][i % size, k - 1]
+             for n, (i, k) in enumerate(zip(idx.tolist(), steps.tolist()))]
+        return z, y, torch.stack(x)
 
 
 # Copied from dmd.py: karras_sigmas
@@ -1312,10 +1494,13 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
     """The regression set D = {(z_i, y_i)} of DMD Sec. 3.3: y = the teacher's deterministic ODE (Heun) from z.
     Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
     kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps or by another
-    teacher (teacher_fingerprint) is an error, found before anything is built.
+    teacher (teacher_fingerprint) is an error, found before anything is built. A teacher whose `pair_states_at` lists
+    steps (add.py --pair-steps all) returns {'y': y, 'states': the ODE's states at those steps} from heun_sample;
+    the shards keep both, and shards with other states are an error too.
     Returns the shards, memory-mapped."""
     from tqdm import tqdm
     n_shards, mark = math.ceil(args.num_pairs / args.shard_size), teacher_fingerprint(tch.unet)
+    states_at = getattr(tch, "pair_states_at", None)   # None: pairs (z, y) only (dmd.py, add.py --pair-steps T)
     path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
     mine = [k for k in range(n_shards) if k % world == rank]
     todo = [k for k in mine if not os.path.exists(path(k))]
@@ -1335,6 +1520,9 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
         if shard.get("teacher", mark) != mark:   # shards written before this field: not checked
             fail(f"{path(k)} holds pairs of another teacher (fingerprint {shard['teacher']}, this one {mark}): "
                  "give another --pairs-dir")
+        if shard.get("states_at") != states_at:
+            fail(f"{path(k)} holds pairs with ODE states at steps {shard.get('states_at')}, not {states_at}: "
+                 "give another --pairs-dir")
         return shard
 
     # the shards already there are checked (and kept) before any is built: a mismatch costs no build
@@ -1347,13 +1535,15 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
         n = min(args.shard_size, args.num_pairs - k * args.shard_size)
         z, ids = torch.randn((n, *shape), generator=g), conds.draw(n, g)
-        ys = []
+        outs = []
         for i in range(0, n, args.micro_batch):
             c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
             with autocast(args):
-                ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
-        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark,
-                    "shard_size": args.shard_size}, path(k) + ".tmp")
+                out = tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond)
+            outs.append({k: v.cpu() for k, v in (out if isinstance(out, dict) else {"y": out}).items()})
+        torch.save({"z": z, **{f: torch.cat([o[f] for o in outs]).float() for f in outs[0]}, "ids": ids,
+                    "ode_steps": args.ode_steps, "teacher": mark, "shard_size": args.shard_size,
+                    **({"states_at": states_at} if states_at else {})}, path(k) + ".tmp")
         os.replace(path(k) + ".tmp", path(k))
         bar.update()
     bar.close()

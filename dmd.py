@@ -838,10 +838,13 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
     """The regression set D = {(z_i, y_i)} of DMD Sec. 3.3: y = the teacher's deterministic ODE (Heun) from z.
     Shard k holds pairs [k S, (k + 1) S), drawn from seed (seed, k), written atomically; existing shards are
     kept, so an interrupted build resumes where it stopped; a shard built with other --ode-steps or by another
-    teacher (teacher_fingerprint) is an error, found before anything is built.
+    teacher (teacher_fingerprint) is an error, found before anything is built. A teacher whose `pair_states_at` lists
+    steps (add.py --pair-steps all) returns {'y': y, 'states': the ODE's states at those steps} from heun_sample;
+    the shards keep both, and shards with other states are an error too.
     Returns the shards, memory-mapped."""
     from tqdm import tqdm
     n_shards, mark = math.ceil(args.num_pairs / args.shard_size), teacher_fingerprint(tch.unet)
+    states_at = getattr(tch, "pair_states_at", None)   # None: pairs (z, y) only (dmd.py, add.py --pair-steps T)
     path = lambda k: os.path.join(args.pairs_dir, f"shard_{k:05d}.pt")  # noqa: E731
     mine = [k for k in range(n_shards) if k % world == rank]
     todo = [k for k in mine if not os.path.exists(path(k))]
@@ -861,6 +864,9 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
         if shard.get("teacher", mark) != mark:   # shards written before this field: not checked
             fail(f"{path(k)} holds pairs of another teacher (fingerprint {shard['teacher']}, this one {mark}): "
                  "give another --pairs-dir")
+        if shard.get("states_at") != states_at:
+            fail(f"{path(k)} holds pairs with ODE states at steps {shard.get('states_at')}, not {states_at}: "
+                 "give another --pairs-dir")
         return shard
 
     # the shards already there are checked (and kept) before any is built: a mismatch costs no build
@@ -873,13 +879,15 @@ def build_pairs(tch, conds, args, shape, device, rank=0, world=1):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
         n = min(args.shard_size, args.num_pairs - k * args.shard_size)
         z, ids = torch.randn((n, *shape), generator=g), conds.draw(n, g)
-        ys = []
+        outs = []
         for i in range(0, n, args.micro_batch):
             c = conds.embed(None if ids is None else ids[i:i + args.micro_batch])
             with autocast(args):
-                ys.append(tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond).cpu())
-        torch.save({"z": z, "y": torch.cat(ys).float(), "ids": ids, "ode_steps": args.ode_steps, "teacher": mark,
-                    "shard_size": args.shard_size}, path(k) + ".tmp")
+                out = tch.heun_sample(z[i:i + args.micro_batch].to(device), c, args.ode_steps, conds.uncond)
+            outs.append({k: v.cpu() for k, v in (out if isinstance(out, dict) else {"y": out}).items()})
+        torch.save({"z": z, **{f: torch.cat([o[f] for o in outs]).float() for f in outs[0]}, "ids": ids,
+                    "ode_steps": args.ode_steps, "teacher": mark, "shard_size": args.shard_size,
+                    **({"states_at": states_at} if states_at else {})}, path(k) + ".tmp")
         os.replace(path(k) + ".tmp", path(k))
         bar.update()
     bar.close()

@@ -13,9 +13,9 @@ steps (--export-every) and at the end; every export is scored at each of --sampl
 (--num samples, fixed seed) and eval.py domain against as many Fashion-MNIST test images. One row per (export,
 sampling steps) goes to benchmark/results/cpu/ablations.csv; a row already there is not scored again. DMD runs
 share one set of regression pairs per teacher (runs/ablate/dmd_pairs, seed 0), ADD runs with --lambda-pair one per
-pair count and ODE steps (runs/ablate/add_pairs4096_ode32). Another --teacher works in folders
-named after it (runs/ablate/dmd_full_fmnist-cpu-uncond_seed0); an unconditional teacher's rows carry class coverage
-(and the predicted-class shares) instead of class accuracy. Set OMP_NUM_THREADS to run two at once. The figures
+pair count and ODE steps (runs/ablate/add_pairs4096_ode32; _all with --pair-steps all). Another --teacher works in
+folders named after it (runs/ablate/dmd_full_fmnist-cpu-uncond_seed0); an unconditional teacher's rows carry class
+coverage (and the predicted-class shares) instead of class accuracy. Set OMP_NUM_THREADS to run two at once. The figures
 beside the CSV: _curves.png (every run with two or more exports), _add_curves.png (the ADD levers), _samples.png
 and _add_samples.png (final exports, six samples per class, beside the teacher).
 """
@@ -138,7 +138,8 @@ def main(argv=None):
         cmd = f"add.py --teacher {args.teacher} --data fashion-mnist"
         if "--lambda-pair" in args.extra:   # ADD's pairs: one set per teacher, pair count and ODE steps (seed 0)
             n, ode = (re.findall(rf"--{f}[ =](\d+)", args.extra) for f in ("pairs", "ode-steps"))
-            name = f"add_pairs{n[-1] if n else 10000}_ode{ode[-1] if ode else 32}"
+            name = f"add_pairs{n[-1] if n else 10000}_ode{ode[-1] if ode else 32}" + \
+                ("_all" if re.search(r"--pair-steps[ =]all", args.extra) else "")   # pairs with their ODE states
             cmd += f" --pairs-dir {os.path.join(args.out, tagged(args, name))}"
     wall_file = os.path.join(run_dir, "wall_s")
     if not os.path.exists(final):
