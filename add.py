@@ -18,14 +18,18 @@ Equation map (paper, equation -> function)
   ADD Eq. 2                 L_adv^G = -E sum_k D_k(F_k(x_hat))                   -> adversarial_generator_loss
   ADD Eq. 3                 hinge loss + gamma R1 on each head's input           -> hinge_discriminator_loss, r1_penalty
   ADD Eq. 4                 c(t) ||x_hat - sg(x_psi(x_hat_t, t))||^2 (pixels)    -> score_distillation_loss
-  ADD Sec. 3.2, App. A      c(t): exponential alpha_t, SDS, NFSD                  -> distillation_weight, nfsd_target
-  ADD Sec. 3.1              multi-step sampling: re-noise and denoise again      -> sample
+  ADD Sec. 3.3, App. A      c(t): exponential alpha_t, SDS, NFSD                  -> distillation_weight, nfsd_target
+  ADD Sec. 3, Fig. 4        multi-step sampling: re-noise and denoise again      -> sample
   LADD, DDIM (Song et al.)  synthetic x_0: the teacher's CFG samples (eta = 0)   -> build_synthetic, teacher_sample
   StyleGAN-T Sec. 3         heads: SN convolutions, local BN, residual / sqrt 2  -> StyleGANTHead, LocalBatchNorm
-  ADD Sec. 3.1 (c_img)      no c_img where the student saw pure noise (s = 999)  -> disc_condition
+  ADD Sec. 3.2 (c_img)      c_img; none where x_s holds no x_0 (s = 999: ours)   -> disc_condition
   Zhao et al. 2020          DiffAugment: color, translation, cutout              -> diff_augment
   LADD Sec. 3               teacher features of x re-noised at t ~ logit-normal  -> TeacherFeatures, disc_timesteps
   DMD Eq. 9 (deviation)     paired term at s = T: ||x_hat(z) - y(z)||^2 (pairs)  -> paired_loss, build_pairs
+  EDM Alg. 1 (deviation)    the teacher's ODE through the student's levels:    -> ode_levels, heun_ode_levels,
+                            pairs along it (--pair-steps all), its end from a      Teacher.ode_trajectory, ode_from,
+                            row's own x_s (--anchor ode)                           anchor_target
+  DMD2 Sec. 4.5 (deviation) later steps' inputs from the student's own chain    -> backward_simulation
 
 Reading order: the equations as pure functions, the teacher interface, the discriminator, then train() with its
 numbered steps; below one banner, loading, data, command line and run plumbing (class Run, as in dmd.py).
@@ -360,7 +364,7 @@ class LocalBatchNorm(nn.Module):
 
 
 class StyleGANTHead(nn.Module):
-    """A discriminator head as StyleGAN-T describes it (Sec. 3; ADD Sec. 3.1 uses these heads): on one level's tokens
+    """A discriminator head as StyleGAN-T describes it (Sec. 3; ADD Sec. 3.2 uses these heads): on one level's tokens
     (B, N, D), blocks of [spectrally normalised 1D convolution, LocalBatchNorm, leaky ReLU 0.2]: kernel 1, then a
     kernel-9 block in a residual connection scaled by 1/sqrt(2); the logit (B, N) is the projection (Miyato & Koyama
     2018) <P h, E c> / sqrt(cmap) on the conditioning c (B, cond_dim), or a 1-channel convolution without one."""
@@ -484,7 +488,7 @@ def disc_condition(kind, c_text, c_img, keep_img=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling: 1-4 student steps (ADD Sec. 3.1)
+# Sampling: 1-4 student steps (ADD Sec. 3, Fig. 4)
 # ----------------------------------------------------------------------------------------------------------
 def step_subset(timesteps, n):
     """The n of the N student timesteps used for n-step sampling: every (N / n)-th, starting at 999."""
@@ -625,6 +629,9 @@ def train(args, stop=None):
             rows = later.nonzero()[:, 0]
             x_s[rows] = backward_simulation(tch, run_student, torch.randn_like(x_s[rows]), rows_of(cond, rows),
                                             args.student_timesteps, k[rows], res)
+        # three schedules meet: x_s is noised on the student's zero-terminal-SNR schedule at s (zt_alpha_s, zt_sigma_s);
+        # the student's output is read as x_hat with the teacher's own alpha_s, sigma_s (Teacher.x0 at step s); Eq. 4
+        # re-noises x_hat on the teacher's own schedule at its t (step 3)
         x_hat = tch.x0(run_student, x_s, s, cond, res)
         img_hat = tch.decode(x_hat) if use_distill or not on_teacher or pairs is not None or args.anchor != "none" \
             else None   # pixels
@@ -743,7 +750,10 @@ PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")   
 LOCAL_TEACHERS = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark", "models", folder)
                   for name, folder in (("fmnist", "fmnist-cpu"), ("fmnist-uncond", "fmnist-cpu-uncond"))}
 CPU_DEFAULTS = dict(data="fashion-mnist", disc_backbone="efficientnet-lite0", disc_size=64, batch_size=32, lr=1e-4,
-                    lr_disc=1e-3, max_steps=600, log_every=10, sample_every=100, ckpt_every=100)
+                    lr_disc=1e-3, max_steps=600, log_every=10, sample_every=100, ckpt_every=100, score_num=2000)
+# ... and, unless --paper-losses, the deviations that keep this teacher's student varied at one and four steps
+# (benchmark/README.md, "ADD at four steps": the screen and the two-seed rows behind this choice)
+CPU_RECIPE = dict(loss="adv", lambda_pair=1.0, num_pairs=1024, ode_steps=32, pair_steps="all", ema=0.99)
 EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143   # 143 = 128 + SIGTERM, as a shell reports a job killed by it
 EXIT_CODES = ("exit codes: 0 done; 2 a user mistake (one line on stderr); 3 non-finite losses for more than "
               "--max-bad-steps steps in a row (nothing exported, the last good checkpoint kept); 143 SIGTERM or "
@@ -803,10 +813,15 @@ def parse_args(argv=None):
     p = Parser(description="ADD (arXiv:2311.17042): distil a diffusion teacher into a 1-4 step student.",
                epilog=EXIT_CODES)
     a = p.add_argument
-    cpu = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_DEFAULTS.items())
     a("--teacher", required=True, help="sdxl | sd21 | sd15 | a hub id | a local folder (SD/SDXL layout, or a "
       "class-conditional pixel UNet2DModel with its DDPMScheduler) | fmnist / fmnist-uncond: the shipped CPU "
-      f"teachers, which also set the CPU defaults {cpu}; a flag you give wins")
+      f"teachers, which also set the CPU defaults {flags_of(CPU_DEFAULTS)} and the recipe {flags_of(CPU_RECIPE)} "
+      "(--paper-losses: without it); a flag you give wins")
+    a("--paper-losses", action="store_true", help="with --teacher fmnist / fmnist-uncond: the paper's losses (no "
+      "pairs, anchors or EMA) at the CPU scale, instead of the recipe (elsewhere the paper's losses are the default)")
+    a("--score-num", type=int, default=0, help="after training, score the exported student at 1 and N steps as the "
+      "README does (eval.py generate NUM samples, eval.py domain against NUM Fashion-MNIST test images) and print "
+      "both lines; 0 = off (2000 with --teacher fmnist / fmnist-uncond)")
     a("--data", default=None, help="DIR of images with captions (.txt beside each image, or metadata.jsonl); "
       "for class-conditional teachers DIR/<class index>/*.png, fashion-mnist or mnist; 'synthetic' (the default "
       "for text teachers): the teacher's own samples for --prompts (LADD), built once under --data-dir")
@@ -896,10 +911,15 @@ def parse_args(argv=None):
                                                "projections (peft) instead of all weights; 0 = full fine-tune")
     a("--compile", action="store_true", help="torch.compile the student")
     add_run_flags(a, "student", "--lr or --lr-disc", 500, "steps between sample grids (1 and 4 steps)")
-    name = p.parse_known_args(argv)[0].teacher
-    if name in LOCAL_TEACHERS:   # the shipped CPU teacher: its CPU defaults, under the flags given
-        p.set_defaults(**CPU_DEFAULTS)
+    known = p.parse_known_args(argv)[0]
+    if known.teacher in LOCAL_TEACHERS:   # the shipped CPU teacher: its CPU defaults and recipe, under the flags given
+        p.set_defaults(**CPU_DEFAULTS, **({} if known.paper_losses else CPU_RECIPE))
     args = p.parse_args(argv)
+    if args.paper_losses and args.teacher not in LOCAL_TEACHERS:
+        p.error("--paper-losses is for the shipped teachers (--teacher fmnist / fmnist-uncond); with any other "
+                "teacher the paper's losses are the default")
+    if args.score_num < 0 or (args.score_num and args.data != "fashion-mnist"):
+        p.error("--score-num scores against Fashion-MNIST: it needs --data fashion-mnist (and a number >= 0)")
     if args.max_minutes < 0 or args.max_bad_steps < 0 or args.export_every < 0:
         p.error("--max-minutes, --max-bad-steps and --export-every must be >= 0")
     args.resume = args.resume or args.resume_from is not None
@@ -1999,14 +2019,47 @@ def exit_run(code, msg, rank, world):
     sys.exit(code)
 
 
+def flags_of(values):
+    """{'num_pairs': 1024, 'ema': 0.99} -> '--pairs 1024 --ema 0.99' (argparse's dest -> its flag)."""
+    names = {"num_pairs": "pairs"}
+    return " ".join(f"--{names.get(k, k).replace('_', '-')} {v}" for k, v in values.items())
+
+
+def score_student(args):
+    """--score-num N: the exported student at 1 and N student steps, scored as the README does: eval.py generate
+    (N samples, seed 0), then eval.py domain against N Fashion-MNIST test images; each domain line printed.
+    -> {steps: that line} (a step count whose scoring failed is left out, its error printed in one line)."""
+    import subprocess
+    ev, student = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py"), os.path.join(args.output_dir,
+                                                                                                    "student")
+    lines = {}
+    for n in sorted({1, len(args.student_timesteps)}):
+        npz = os.path.join(args.output_dir, f"samples_{n}step.npz")
+        for cmd in (["generate", "--generator", student, "--steps", str(n), "--num", str(args.score_num), "--out", npz,
+                     "--device", args.device], ["domain", "--samples", npz, "--ref", "fashion-mnist-test", "--ref-num",
+                                                str(args.score_num), "--crop", "28"]):
+            r = subprocess.run([sys.executable, ev, *cmd], capture_output=True, text=True)
+            if r.returncode:
+                print(f"add.py: scoring at {n} step(s) failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}",
+                      file=sys.stderr)
+                break
+        else:
+            lines[n] = r.stdout.strip().splitlines()[-1]
+            print(f"student at {n} step{'s' if n > 1 else ''} ({args.score_num} samples vs as many test images): "
+                  f"{lines[n]}", flush=True)
+    return lines
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.teacher_name in LOCAL_TEACHERS:
+        print(f"--teacher {args.teacher_name}: " + ("the paper's losses" if args.paper_losses else
+              f"the CPU recipe {flags_of({k: getattr(args, k) for k in CPU_RECIPE})} (the paper's losses: add "
+              "--paper-losses)"), flush=True)
     with Preemption() as stop:
         history = train(args, stop)
-    if args.teacher_name in LOCAL_TEACHERS:
-        st, npz = os.path.join(args.output_dir, "student"), os.path.join(args.output_dir, "samples_${n}step.npz")
-        print(f"score it: for n in 1 4; do python eval.py generate --generator {st} --steps $n --num 2000 --out {npz} "
-              f"&& python eval.py domain --samples {npz} --ref fashion-mnist-test --ref-num 2000 --crop 28; done")
+    if args.score_num:
+        score_student(args)
     return history
 
 

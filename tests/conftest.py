@@ -7,6 +7,14 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (pytest -n 2) each worker computes on one thread: two two-thread processes on two cores run
+    many times slower than two one-thread ones. The scripts a test starts inherit OMP_NUM_THREADS."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+
 def tiny_unet2d(in_channels=3, num_classes=None, size=8):
     from diffusers import UNet2DModel
     return UNet2DModel(sample_size=size, in_channels=in_channels, out_channels=in_channels, block_out_channels=(16, 32),

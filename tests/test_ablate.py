@@ -46,6 +46,7 @@ def patch_run(monkeypatch, calls):
     monkeypatch.setattr(sys.modules[ablate.domain_scores.__module__], "run", fake)
 
 
+@pytest.mark.slow
 def test_a_run_scores_every_export_once_and_keeps_other_rows(tmp_path, monkeypatch):
     calls = []
     patch_run(monkeypatch, calls)
@@ -77,6 +78,7 @@ def test_a_run_scores_every_export_once_and_keeps_other_rows(tmp_path, monkeypat
     assert "dmd_pairs_ode32 " in train[0] and train[0].endswith("--ode-steps 32 --max-steps 3")
 
 
+@pytest.mark.slow
 def test_another_teacher_has_its_own_folders_pairs_and_rows_with_coverage(tmp_path, monkeypatch):
     calls = []
     patch_run(monkeypatch, calls)
@@ -102,6 +104,7 @@ def test_another_teacher_has_its_own_folders_pairs_and_rows_with_coverage(tmp_pa
     assert (tmp_path / "ablations_samples_fmnist-cpu-uncond.png").exists()   # rows = predicted classes
 
 
+@pytest.mark.slow
 def test_a_continued_run_scores_its_new_final_export_with_new_samples(tmp_path, monkeypatch):
     """Continuing a finished run to more steps (its final export renamed generator_STEP, --max-steps raised) must
     not score the new final export with the old one's cached samples."""

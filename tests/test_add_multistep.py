@@ -130,6 +130,7 @@ def test_ode_states_integrate_to_their_pairs_y(tiny_add_world):
     assert 0.5 < out["states"][:, 0].std().item() < 1.5
 
 
+@pytest.mark.slow
 def test_pair_steps_all_builds_states_and_refuses_old_pairs(tiny_add_world, tmp_path, capsys):
     """A run with --pair-steps all keeps the states in its shards and feeds them to the later rows; a pair folder
     built without states (--pair-steps T) is refused in one line."""
@@ -159,6 +160,7 @@ def test_pair_sampler_gives_each_row_its_state():
     torch.testing.assert_close(x.view(-1)[1:], 10 * i[1:].float() + torch.tensor([1.0, 2.0, 3.0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--anchor", "ode", "--anchor-ode-steps", "3"], ["--anchor", "recon"],
                                    ["--anchor", "distill", "--lambda-anchor", "2.5"],
                                    ["--backward-sim", "--anchor", "ode", "--anchor-ode-steps", "3"]])
@@ -168,6 +170,7 @@ def test_anchor_and_backward_sim_runs(tiny_add_world, tmp_path, extra):
     assert h[0]["loss_anchor"] > 0 and h[0]["loss_distill"] == 0
 
 
+@pytest.mark.slow
 def test_ema_is_the_moving_average_and_resumes_exactly(tiny_add_world, tmp_path):
     """--ema 0.9: after each update ema <- 0.9 ema + 0.1 student (from the teacher's weights); the exported student
     is the EMA; a resumed run continues it bit for bit."""

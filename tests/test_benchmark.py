@@ -48,6 +48,7 @@ ALL_ROWS = {("teacher", "full", s) for s in (1, 2, 4, 8, 16, 32)} | {("add", "fu
     | {("dmd", v, 1) for v in ("full", "no_reg", "no_dm")} | {("add", v, 1) for v in ("full", "adv", "distill")}
 
 
+@pytest.mark.slow
 def test_benchmark_runs_every_stage_once_and_writes_the_table(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(fmnist, "run", fake_run(calls))
@@ -89,6 +90,7 @@ def test_benchmark_runs_every_stage_once_and_writes_the_table(tmp_path, monkeypa
     assert "--no-reg" in calls[n] and "dmd_no_reg" in calls[n + 1]
 
 
+@pytest.mark.slow
 def test_shipped_teacher_is_used_and_a_second_seed_adds_its_own_rows(tmp_path, monkeypatch):
     """With benchmark/models/fmnist-cpu/ present, no teacher.py runs: the students train on the shipped folder
     and the teacher rows carry its steps and name. --seed 1 trains the students again in their own folder and
@@ -117,6 +119,7 @@ def test_shipped_teacher_is_used_and_a_second_seed_adds_its_own_rows(tmp_path, m
     assert sum(r["fid"] != "" for r in rows) == 3 + 2     # seed 1: its two full rows
 
 
+@pytest.mark.slow
 def test_parallel_stages_and_skip_fid(tmp_path, monkeypatch):
     """--jobs 3 runs the same commands (in another order); --skip-fid trains only, a later run scores."""
     calls = []
@@ -138,6 +141,7 @@ def test_parallel_stages_and_skip_fid(tmp_path, monkeypatch):
     assert sorted(calls) == sorted(c.replace(str(tmp_path / "s"), str(tmp_path / "w")) for c in sequential)
 
 
+@pytest.mark.slow
 def test_parallel_stages_share_the_cpu_threads(tmp_path, monkeypatch):
     """--jobs N gives each of the N concurrent stages cores / N threads; stages that run alone keep the default."""
     calls, threads = [], {}
@@ -167,6 +171,7 @@ def test_run_caps_the_threads_of_its_command(tmp_path, monkeypatch):
     assert fmnist.run(show, str(tmp_path / "c.log"), 3)[1].split() == ["5", "3"]
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_a_stage_trained_with_other_arguments(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(fmnist, "run", fake_run(calls))
@@ -181,6 +186,7 @@ def test_benchmark_refuses_a_stage_trained_with_other_arguments(tmp_path, monkey
     assert len(err.splitlines()) == 1 and "dmd_full was trained with other arguments" in err
 
 
+@pytest.mark.slow
 def test_sample_figure_with_few_samples_per_class(tmp_path):
     """A small --num leaves some classes with fewer than 6 samples: the figure pads them, it does not fail."""
     args = fmnist.parse_args(["--scale", "cpu", "--out", str(tmp_path), "--results", str(tmp_path / "r")])
@@ -209,6 +215,7 @@ def test_bad_flags_are_one_line_errors(flags, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_ship_teacher_writes_fp16_weights_that_load_as_the_same_fp32_model(tmp_path, monkeypatch):
     from diffusers import DDPMScheduler, UNet2DModel
     from safetensors.torch import load_file

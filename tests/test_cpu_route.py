@@ -15,7 +15,8 @@ import dmd
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dmd.py": "--max-steps 2 --num-pairs 4 --ode-steps 2 --shard-size 4 --batch-size 4 --sample-every 1",
-        "add.py": "--max-steps 2 --batch-size 4 --disc-size 32 --sample-every 1"}
+        "add.py": "--max-steps 2 --batch-size 4 --disc-size 32 --sample-every 1 --pairs 12 --shard-size 12 "
+                  "--ode-steps 2 --score-num 8"}
 
 
 def readme_cpu_commands():
@@ -25,6 +26,7 @@ def readme_cpu_commands():
     return [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.strip()]
 
 
+@pytest.mark.slow
 def test_readme_cpu_commands_run_as_written_at_tiny_size(tmp_path):
     """Each command, copied from the README, with only tiny sizes added (fewer steps, samples and pairs), in a fresh
     folder: every one exits 0, the trainings print the lines that score them, and the scores come out. (add.py runs
@@ -83,6 +85,7 @@ def run(out, teacher, *extra):
     return dmd.train(dmd.parse_args(argv))
 
 
+@pytest.mark.slow
 def test_a_used_output_dir_needs_resume_or_overwrite(tiny_teachers, tmp_path, capsys):
     """A second run into a folder that holds a checkpoint, without --resume or --overwrite: exit 2 in one line, the
     first run's checkpoint byte for byte as it was; --overwrite starts afresh (old grids, log, exports gone)."""
@@ -103,6 +106,7 @@ def test_a_used_output_dir_needs_resume_or_overwrite(tiny_teachers, tmp_path, ca
     assert (out / "pairs").is_dir()   # the reusable regression pairs stay
 
 
+@pytest.mark.slow
 def test_a_fresh_run_in_a_folder_without_checkpoint_removes_stale_grids(tiny_teachers, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -262,6 +262,7 @@ def run_dmd(out, teacher, *extra):
     return dmd.train(dmd.parse_args(argv))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vp_class", "edm_uncond", "sd"])
 def test_smoke_each_teacher_kind_exports_a_loadable_generator(tiny_teachers, tmp_path, kind, monkeypatch):
     """sd: no --prompts, run from another folder: the shipped prompts/train.txt beside dmd.py is found; the
@@ -292,6 +293,7 @@ def test_smoke_each_teacher_kind_exports_a_loadable_generator(tiny_teachers, tmp
         assert spec["steps"][0]["sigma"] == pytest.approx(80.0)
 
 
+@pytest.mark.slow
 def test_ablation_flags_run(tiny_teachers, tmp_path):
     h = run_dmd(tmp_path / "nodm", tiny_teachers["vp_class"], "--no-dm", "--export-every", "1")
     assert all(r["loss_dm"] == 0 and r["loss_fake"] == 0 and r["loss_reg"] > 0 for r in h)
@@ -302,6 +304,7 @@ def test_ablation_flags_run(tiny_teachers, tmp_path):
     assert not (tmp_path / "noreg" / "pairs").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_teachers, tmp_path, capsys):
     """4 steps straight == 2 steps, stop, --resume, 2 more steps: same losses, same weights (both networks)."""
     common = ["--ema", "0.9", "--lr-fake", "1e-3", "--fake-updates", "2"]   # updates 2.. draw fresh samples
@@ -326,6 +329,7 @@ def test_resume_continues_exactly(tiny_teachers, tmp_path, capsys):
     assert [(g["lr"], g["initial_lr"]) for o in cb["opts"] for g in o["param_groups"]] == [(2e-5, 2e-5), (1e-3, 1e-3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd", "vp_class"])
 def test_text_teacher_distribution_matching_batch_includes_g_of_z_ref(tiny_teachers, tmp_path, monkeypatch, kind):
     """DMD Algorithm 1 line 7: for text-to-image, x = concat(G(z), G(z_ref)) feeds the DM loss and the fake-score
@@ -338,6 +342,7 @@ def test_text_teacher_distribution_matching_batch_includes_g_of_z_ref(tiny_teach
     assert sizes == {"dm": [n, n], "fake": [n, n]}   # batch 4 = 2 micro-batches of 2
 
 
+@pytest.mark.slow
 def test_fake_updates_makes_n_fake_score_steps_per_generator_step(tiny_teachers, tmp_path):
     """--fake-updates 3 (DMD2's two-time-scale rule): 2 generator steps, 6 fake-score optimiser steps."""
     run_dmd(tmp_path, tiny_teachers["vp_class"], "--fake-updates", "3", "--no-reg")
@@ -346,6 +351,7 @@ def test_fake_updates_makes_n_fake_score_steps_per_generator_step(tiny_teachers,
     assert [o["state"][0]["step"].item() for o in ck["opts"]] == [2, 6]
 
 
+@pytest.mark.slow
 def test_reg_until_is_regression_then_a_no_reg_resume(tiny_teachers, tmp_path):
     """--reg-until 2: regression at generator steps 0 and 1 (log rows 1, 2), distribution matching alone after,
     the same networks bit for bit as 2 steps of full then --resume --no-reg; a text teacher's DM batch (G(z_ref)
@@ -378,6 +384,7 @@ def test_teacher_json_missing_field_is_one_line_exit_2(tiny_teachers, tmp_path, 
     assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_time_limit_stops_checkpoints_and_exports_and_max_steps_0_only_builds_pairs(tiny_teachers, tmp_path):
     """--max-minutes ends the run after the step in which the time ran out, like a finished one: log row,
     checkpoint and export at that step; a resume then continues. --max-steps 0 builds the pairs and stops."""
@@ -392,6 +399,7 @@ def test_time_limit_stops_checkpoints_and_exports_and_max_steps_0_only_builds_pa
     assert len(os.listdir(tmp_path / "p" / "pairs")) == 2 and not (tmp_path / "p" / "generator").exists()
 
 
+@pytest.mark.slow
 def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path, capsys):
     """Shards are a function of (seed, shard): a deleted shard is rebuilt identically; others are kept; shards of
     another --ode-steps are refused."""
@@ -427,6 +435,7 @@ def test_regression_pairs_are_deterministic_and_resume(tiny_teachers, tmp_path, 
     assert not os.path.exists(tmp_path / "pairs" / "shard_00002.pt")
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(tiny_teachers, tmp_path):
     """Data-parallel path (DDP over gloo on the CPU): pairs split across ranks, one export."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "dmd.py",
@@ -440,15 +449,15 @@ def test_two_processes_with_torchrun(tiny_teachers, tmp_path):
     assert len(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["rng"]) == 2   # both ranks' RNG states
 
 
-def _cli(*argv, env=None):
-    return subprocess.run([sys.executable, "dmd.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
-def test_unreachable_hub_is_a_one_line_error(tmp_path):
-    r = _cli("--dataset", "imagenet64", "--output-dir", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 2 and "--teacher PATH" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_unreachable_hub_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """Offline (HF_HUB_OFFLINE, set in-process), --dataset imagenet64's hub teacher is a one-line error."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as e:
+        dmd.main(["--dataset", "imagenet64", "--output-dir", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--teacher PATH" in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_bare_sd15_command_fails_only_on_the_unreachable_hub(tmp_path, capsys, monkeypatch):

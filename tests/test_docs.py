@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # the docs' figures and links: checked with the whole suite
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["README.md", "benchmark/README.md", "docs/scripts.md"]
 

@@ -48,6 +48,7 @@ def test_precision_recall_match_a_brute_force_computation():
     assert ev.knn_radii(np.arange(5.0)[:, None], k=1).tolist() == [1, 1, 1, 1, 1]   # itself excluded
 
 
+@pytest.mark.slow
 def test_cli_10k_train_images_against_the_test_set(tmp_path, capsys):
     """The CLI as the benchmark calls it: 10k real train images score like real data, in under 60 s."""
     x, y = teacher.load_data("fashion-mnist", 0, "train")
@@ -64,6 +65,7 @@ def test_cli_10k_train_images_against_the_test_set(tmp_path, capsys):
     assert wall < 60, f"{wall:.1f} s"
 
 
+@pytest.mark.slow
 def test_collapsed_generator_has_no_recall_but_keeps_precision(fm):
     """One image per class, repeated (a perfectly collapsed class-conditional generator): recall ~ 0; precision
     stays high, since each template is a typical real image (the one nearest its class's mean feature)."""
@@ -79,6 +81,7 @@ def test_collapsed_generator_has_no_recall_but_keeps_precision(fm):
     assert m["fd"] > 10 * real["fd"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["noise", "blur"])
 def test_disturbances_raise_fd_monotonically(fm, kind):
     """Heusel et al. 2017, Fig. 1: Gaussian noise or blur of increasing strength on real images raises FD."""
@@ -116,6 +119,7 @@ def test_coverage_shows_two_missing_classes(fm):
     assert ev.class_accuracy(fm["pt"], fm["yt"]) >= 0.9
 
 
+@pytest.mark.slow
 def test_cli_unconditional_samples_report_coverage_and_32px_needs_crop(fm, tmp_path, capsys):
     np.savez(tmp_path / "u.npz", images=fm["x"][:300])
     ev.main(["domain", "--samples", str(tmp_path / "u.npz"), "--ref", str(tmp_path / "u.npz")])

@@ -126,6 +126,7 @@ def test_center_crop_undoes_the_teachers_padding():
     assert (ev.center_crop(padded, 28) == digits).all() and ev.center_crop(padded, 0) is padded
 
 
+@pytest.mark.slow
 def test_stats_of_a_fixed_test_split_subset(tmp_path, capsys, inception):
     test = ev.load_images("fashion-mnist-test")      # the split itself: tests/test_teacher.py
     assert test.shape == (10000, 28, 28) and test.dtype == np.uint8
@@ -143,6 +144,7 @@ def test_latency_measure_reports_the_median():
     assert ev.measure(lambda: time.sleep(0.01), warmup=1, repeats=5) == pytest.approx(10, abs=5)
 
 
+@pytest.mark.slow
 def test_fid_cli_last_line_and_errors(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "a.npz", images=(rng.random((6, 16, 16)) * 255).astype(np.uint8))
@@ -158,6 +160,7 @@ def test_fid_cli_last_line_and_errors(tmp_path, capsys):
         assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sample_round_trip_dmd_student(tiny_teachers, tmp_path):
     """sample.py's reading of generator.json reproduces dmd.py's own G(z) = mu(sigma_max z, T - 1)."""
     import dmd
@@ -192,6 +195,7 @@ def test_sample_round_trip_dmd_student(tiny_teachers, tmp_path):
     assert np.load(tmp_path / "t1" / "t.npz")["images"].shape == (2, 8, 8, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_sample_round_trip_add_student(tiny_add_world, tmp_path, kind):
     """One step: identical to add.py's own sampler (SD1.5-like and SDXL-like text conditioning); four steps run

@@ -49,6 +49,7 @@ def same_weights(a, b):
 
 
 # ---------------------------------------------------------------- 1. non-finite losses
+@pytest.mark.slow
 def test_huge_learning_rate_stops_with_exit_3_keeps_the_checkpoint_and_exports_nothing(tiny_teachers, tmp_path,
                                                                                         capsys):
     """--lr 1e4: step 1 is finite, its update blows the fake score up, so step 2 on is nan: no update, and the
@@ -64,6 +65,7 @@ def test_huge_learning_rate_stops_with_exit_3_keeps_the_checkpoint_and_exports_n
     assert [(r["step"], r["skipped"]) for r in rows] == [("1", "0"), ("2", "1"), ("3", "2")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["add", "teacher"])
 def test_a_nan_loss_applies_no_update_and_stops_add_and_teacher(tiny_add_world, tmp_path, capsys, monkeypatch,
                                                                  script):
@@ -82,6 +84,7 @@ def test_a_nan_loss_applies_no_update_and_stops_add_and_teacher(tiny_add_world, 
 
 
 # ---------------------------------------------------------------- 2. checkpoints that can always be resumed
+@pytest.mark.slow
 def test_damaged_or_mismatched_checkpoint_is_one_line_and_the_prev_fallback_resumes(tiny_teachers, tmp_path, capsys):
     first = dmd.train(dmd.parse_args(dmd_argv(tiny_teachers, tmp_path)))
     capsys.readouterr()
@@ -104,6 +107,7 @@ def test_damaged_or_mismatched_checkpoint_is_one_line_and_the_prev_fallback_resu
 
 
 # ---------------------------------------------------------------- 3. pre-emption
+@pytest.mark.slow
 def test_sigterm_mid_run_checkpoints_exits_143_and_resume_is_exact(tiny_teachers, tmp_path):
     """A subprocess gets SIGTERM after its first step: it finishes the step, checkpoints (RNG included), exports
     nothing and exits 143; --resume then gives the losses and weights of an uninterrupted run, bit for bit."""
@@ -130,6 +134,7 @@ def test_sigterm_mid_run_checkpoints_exits_143_and_resume_is_exact(tiny_teachers
     assert "diffusion_pytorch_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["add", "teacher"])
 def test_sigusr1_checkpoints_and_resume_is_exact_add_and_teacher(tiny_add_world, tmp_path, monkeypatch, capsys,
                                                                   script):
@@ -179,6 +184,7 @@ def test_every_torch_load_in_the_project_passes_weights_only_true():
 
 
 # ---------------------------------------------------------------- 5. bad input: one line, exit 2, nothing lost
+@pytest.mark.slow
 def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_old_checkpoint(tiny_teachers, tmp_path, capsys,
                                                                                 monkeypatch):
     real = torch.save

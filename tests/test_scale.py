@@ -9,6 +9,7 @@ import pytest
 from benchmark import scale
 
 
+@pytest.mark.slow
 def test_tiny_rows_end_to_end(tmp_path):
     out = tmp_path / "scale.csv"
     scale.main(["--tiny", "--in-process", "--rows", "dmd-in64-b336,lat-in64", "--work", str(tmp_path / "w"),

@@ -13,6 +13,7 @@ TINY = ["--dataset", "fashion-mnist", "--limit", "64", "--batch-size", "4", "--c
         "--sample-every", "100", "--grid-steps", "2", "--ckpt-every", "2", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_teacher_trains_exports_and_resumes(tmp_path, tiny_add_world):
     straight = teacher.main([*TINY, "--max-steps", "4", "--output-dir", str(tmp_path / "a")])
     teacher.main([*TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "b")])
@@ -40,6 +41,7 @@ def test_teacher_trains_exports_and_resumes(tmp_path, tiny_add_world):
         assert torch.isfinite(x).all() and x.shape == (2, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_unconditional_teacher_has_no_class_embedding_and_drives_dmd_and_sample(tmp_path):
     """--unconditional (the DMD paper's CIFAR-10 setting): a UNet2DModel without class embedding, which dmd.py
     distils for a step and sample.py samples from with no labels."""
@@ -62,6 +64,7 @@ def test_unconditional_teacher_has_no_class_embedding_and_drives_dmd_and_sample(
     assert u8.shape == (2, 32, 32)
 
 
+@pytest.mark.slow
 def test_time_limit_stops_after_a_step_with_checkpoint_and_export(tmp_path):
     h = teacher.main([*TINY, "--max-steps", "50", "--max-minutes", "1e-9", "--output-dir", str(tmp_path)])
     assert [r["step"] for r in h] == [1]
@@ -69,6 +72,7 @@ def test_time_limit_stops_after_a_step_with_checkpoint_and_export(tmp_path):
     assert (tmp_path / "unet" / "config.json").exists() and (tmp_path / "samples_0000001.png").exists()
 
 
+@pytest.mark.slow
 def test_sd_schedule_is_exported_and_read_by_dmd_and_add(tmp_path):
     """--schedule sd: SD's scaled-linear betas (sqrt(alphabar_999) = 0.068); dmd.py reads that schedule, and
     add.py's student inputs are still rescaled to zero terminal SNR (pure noise at t = 999)."""

@@ -141,6 +141,7 @@ def test_energy_distance():
     assert toy2d.energy_distance(x, y + 1) > 0.3 > toy2d.energy_distance(x, y + 0.3) > 0.02
 
 
+@pytest.mark.slow
 def test_dmd_row_reproduces_figure_3():
     """The default recipe (fewer metric samples): (a), (b) miss the far mode, (c) gets its weight."""
     args = toy2d.parse_args(["--num-eval", "2000"])
@@ -154,6 +155,7 @@ def test_dmd_row_reproduces_figure_3():
     assert res["dmd_no_reg"]["distance"] < res["dmd_real_only"]["distance"]
 
 
+@pytest.mark.slow
 def test_cli_same_seed_same_json(tmp_path):
     """Same seed -> identical numbers, whether the panels train here, in one process, or in a fresh process
     with two workers."""
@@ -181,10 +183,12 @@ def test_cli_same_seed_same_json(tmp_path):
                                       (["--out", "/no/such/folder/x.png"], "does not exist"),
                                       (["--far-weight", "1.5"], "--far-weight"),
                                       (["--steps", "ten"], "invalid int value")])
-def test_cli_bad_input_is_one_line_exit_2(argv, msg):
-    r = subprocess.run([sys.executable, "toy2d.py", *argv], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2
-    assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_cli_bad_input_is_one_line_exit_2(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        toy2d.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert msg in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_add_row_drops_c_img_at_pure_noise_and_normalises_its_head():
