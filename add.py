@@ -2027,26 +2027,27 @@ def flags_of(values):
 
 def score_student(args):
     """--score-num N: the exported student at 1 and N student steps, scored as the README does: eval.py generate
-    (N samples, seed 0), then eval.py domain against N Fashion-MNIST test images; each domain line printed.
-    -> {steps: that line} (a step count whose scoring failed is left out, its error printed in one line)."""
-    import subprocess
-    ev, student = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py"), os.path.join(args.output_dir,
-                                                                                                    "student")
-    lines = {}
+    (N samples, seed 0), then eval.py domain against N Fashion-MNIST test images (eval.py's main, in this process);
+    each domain line printed. -> {steps: that line} (a step count whose scoring failed is left out, said so)."""
+    import io
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import eval as evaluation  # eval.py beside this file
+    student, lines = os.path.join(args.output_dir, "student"), {}
     for n in sorted({1, len(args.student_timesteps)}):
         npz = os.path.join(args.output_dir, f"samples_{n}step.npz")
-        for cmd in (["generate", "--generator", student, "--steps", str(n), "--num", str(args.score_num), "--out", npz,
-                     "--device", args.device], ["domain", "--samples", npz, "--ref", "fashion-mnist-test", "--ref-num",
-                                                str(args.score_num), "--crop", "28"]):
-            r = subprocess.run([sys.executable, ev, *cmd], capture_output=True, text=True)
-            if r.returncode:
-                print(f"add.py: scoring at {n} step(s) failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}",
-                      file=sys.stderr)
-                break
-        else:
-            lines[n] = r.stdout.strip().splitlines()[-1]
-            print(f"student at {n} step{'s' if n > 1 else ''} ({args.score_num} samples vs as many test images): "
-                  f"{lines[n]}", flush=True)
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                evaluation.main(["generate", "--generator", student, "--steps", str(n), "--num", str(args.score_num),
+                                 "--out", npz, "--device", args.device])
+                evaluation.main(["domain", "--samples", npz, "--ref", "fashion-mnist-test", "--ref-num",
+                                 str(args.score_num), "--crop", "28"])
+        except SystemExit:   # eval.py said why on stderr
+            print(f"add.py: scoring at {n} step(s) failed", file=sys.stderr)
+            continue
+        lines[n] = out.getvalue().strip().splitlines()[-1]
+        print(f"student at {n} step{'s' if n > 1 else ''} ({args.score_num} samples vs as many test images): "
+              f"{lines[n]}", flush=True)
     return lines
 
 

@@ -16,14 +16,19 @@ it is edited. What the probe adds, from outside:
 Writes --out (JSON): stamps, flops_per_update, flops_per_call {batch: FLOPs}, peak_bytes, device, exit.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
 import runpy
 import sys
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 class StopRun(BaseException):
@@ -38,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, default=0, help="stop the run after this many updates (0: never)")
     p.add_argument("--flops-step", type=int, default=2, help="count the FLOPs of this update (>= 2; 0: none)")
     p.add_argument("--bars", default="DMD,ADD", help="descriptions of the tqdm bars that count training updates")
+    p.add_argument("--live-memory", action="store_true", help="also count every tensor storage the run creates "
+                   "(LiveMemory's peak; slower)")
     p.add_argument("script", help="the repository script, e.g. dmd.py")
     p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments (after --)")
     args = p.parse_args(argv)
@@ -79,14 +86,83 @@ def flop_counter():
     return fc
 
 
-def measure(script, argv, stop_after=0, flops_step=2, bars=("DMD", "ADD")):
-    """Run `python script *argv` in this process with the instruments above; -> the measurements (dict)."""
+class LiveMemory(TorchDispatchMode):
+    """A TorchDispatchMode that counts the bytes of every tensor storage an operation creates while it is active,
+    for as long as the storage lives (a weak reference tells when it is freed): `now`, `peak` and, with
+    watch_grads(params), the parameters' gradients apart (`grads`; `peak_without_grads` is the most the rest held at
+    once). Works on real tensors and under FakeTensorMode (benchmark/plan.py). Storages that exist before it starts
+    are not counted; ignore(tensors) keeps a view of them from being counted as new.
+    Not MemTracker (torch.distributed._tools.mem_tracker): it installs a gradient hook on every parameter of every
+    module it sees (frozen ones refuse it) and stops when a root module runs twice (the teacher in a DMD update)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.grad_storages = WeakIdKeyDictionary(), WeakIdKeyDictionary()
+        self.now = self.peak = self.grads = self.peak_without_grads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.created(out)
+        return out
+
+    def ignore(self, tensors):
+        for t in tensors:
+            self.seen[t.untyped_storage()] = 0
+
+    def created(self, out):
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st not in self.seen:
+                    n = st.nbytes()
+                    self.seen[st] = n
+                    self.now += n
+                    weakref.finalize(st, self._freed, n)
+                    self._stamp()
+
+    def _freed(self, n):
+        self.now -= n
+
+    def _stamp(self):
+        self.peak = max(self.peak, self.now)
+        self.peak_without_grads = max(self.peak_without_grads, self.now - self.grads)
+
+    def watch_grads(self, params):
+        """Count the gradients of these parameters apart from the rest (a hook after each accumulation)."""
+        def hook(p):
+            st = p.grad.untyped_storage()
+            if st in self.seen and st not in self.grad_storages:
+                self.grad_storages[st] = True
+                self.grads += self.seen[st]
+                weakref.finalize(st, self._grad_freed, self.seen[st])
+        for p in params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(hook)
+
+    def _grad_freed(self, n):
+        self.grads -= n
+
+
+def rss_now():
+    """This process's resident set size now, in bytes (Linux: /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+
+
+def measure(script, argv, stop_after=0, flops_step=2, bars=("DMD", "ADD"), live_memory=False):
+    """Run `python script *argv` in this process with the instruments above; -> the measurements (dict).
+    live_memory: also count the bytes of every tensor storage the run creates (LiveMemory): 'live_peak_bytes' over
+    the run, 'live_update_peaks' of each update (from the end of the one before; the first includes the setup).
+    'rss_start_bytes': the resident set when the script starts (the libraries it needs imported)."""
+    import diffusers  # noqa: F401 - imported before the resident-set baseline, as every script needs them
     import tqdm
+    import transformers  # noqa: F401
     root = os.path.dirname(os.path.abspath(script))
     sys.path.insert(0, root)
     import sample  # the sampler every exported student is called through (sample.py, eval.py latency)
     rec = {"script": os.path.basename(script), "stamps": [], "flops_per_update": None, "flops_per_call": {},
            "stopped": False, "exit": 0, "error": ""}
+    live = LiveMemory() if live_memory else None
     counter = []
     orig_update, orig_call = tqdm.tqdm.update, sample.Generator.__call__
 
@@ -97,6 +173,9 @@ def measure(script, argv, stop_after=0, flops_step=2, bars=("DMD", "ADD")):
         synchronize()
         rec["stamps"].append(time.perf_counter())
         done = len(rec["stamps"])
+        if live is not None:   # the peak of each update alone (the first includes loading and setup)
+            rec["live_update_peaks"].append(live.peak)
+            live.peak = live.now
         if counter:
             counter.pop().__exit__(None, None, None)
         if flops_step and done == flops_step - 1:
@@ -119,8 +198,10 @@ def measure(script, argv, stop_after=0, flops_step=2, bars=("DMD", "ADD")):
         torch.cuda.reset_peak_memory_stats()
     old_argv, tqdm.tqdm.update, sample.Generator.__call__ = sys.argv, update, call
     sys.argv = [script, *argv]
+    rec["rss_start_bytes"], rec["live_update_peaks"] = rss_now(), []
     try:
-        runpy.run_path(script, run_name="__main__")
+        with live or contextlib.nullcontext():
+            runpy.run_path(script, run_name="__main__")
     except StopRun:
         rec["stopped"] = True
     except SystemExit as e:
@@ -139,6 +220,7 @@ def measure(script, argv, stop_after=0, flops_step=2, bars=("DMD", "ADD")):
         rec["flops_per_update"] = fc.get_total_flops()
     rec["flops_step"] = flops_step
     rec["peak_bytes"] = peak_bytes()
+    rec["live_peak_bytes"] = max([live.peak, *rec["live_update_peaks"]]) if live else None
     rec["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return rec
 
@@ -146,7 +228,8 @@ def measure(script, argv, stop_after=0, flops_step=2, bars=("DMD", "ADD")):
 def main(argv=None):
     args = parse_args(argv)
     script_args = args.args[1:] if args.args[:1] == ["--"] else args.args
-    rec = measure(args.script, script_args, args.stop_after, args.flops_step, tuple(args.bars.split(",")))
+    rec = measure(args.script, script_args, args.stop_after, args.flops_step, tuple(args.bars.split(",")),
+                  args.live_memory)
     with open(args.out, "w") as f:
         json.dump(rec, f, indent=1)
     return rec

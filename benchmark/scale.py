@@ -141,7 +141,15 @@ def parse_args(argv=None):
     a("--in-process", action="store_true", help="run the commands inside this Python (no interpreter start per "
                                                 "row; for tests) instead of one subprocess per row")
     a("--dry-run", action="store_true", help="print the rows and their commands, marked 'not measured'")
+    a("--plan", action="store_true", help="no GPU needed: plan each row's memory by kind, FLOPs, seconds per update "
+      "and largest batch on 80 GB from fake tensors (benchmark/plan.py; traces cached in WORK/plan) -> "
+      "benchmark/results/plan.csv (--tiny: the tiny configs, fp32, -> WORK/plan_tiny.csv)")
+    a("--plan-check", action="store_true", help="run real commands on this CPU (tiny, and ImageNet-64 DMD at "
+      "micro-batch 1 and 2) and set their measured peak memory beside the plan -> benchmark/results/plan_check.csv")
+    a("--workers", type=int, default=2, help="--plan: traces at a time (one single-threaded process each)")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
     args.steps = args.steps if args.steps is not None else (1 if args.tiny else 3)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1)
     if args.steps < 1 or args.warmup < 0 or args.max_minutes < 0:
@@ -153,7 +161,7 @@ def parse_args(argv=None):
     if args.csv is None:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         args.csv = os.path.join(RESULTS, f"scale_tiny_{dev}.csv" if args.tiny else "scale.csv")
-    if not (args.tiny or args.dry_run or torch.cuda.is_available()):
+    if not (args.tiny or args.dry_run or args.plan or args.plan_check or torch.cuda.is_available()):
         p.error("the full-size rows need a CUDA GPU (SDXL alone is 2.6B parameters); on a CPU use --tiny")
     return args
 
@@ -540,11 +548,38 @@ def write_csv(records, path):
         w.writerows({k: r.get(k, "") for k in COLUMNS} for r in records)
 
 
+def run_plan(args, t_start):
+    """--plan: the rows planned from fake tensors (plan.plan) to a CSV and a table; --plan-check: real commands on
+    this CPU beside their plan (plan.check)."""
+    import plan
+    if args.plan_check:
+        records = plan.check(work=os.path.join(args.work, "plan-check"), workers=args.workers)
+        path, columns = os.path.join(RESULTS, "plan_check.csv"), plan.CHECK_COLUMNS
+    else:
+        extra = [r for r in plan.default_rows() if args.rows == "all" or any(
+            fnmatch.fnmatchcase(r.name, pat.strip()) for pat in args.rows.split(","))]
+        records = plan.plan(args.selected + extra, args.tiny, "fp32" if args.tiny else "bf16",
+                            os.path.join(args.work, "plan"), args.workers)
+        path = os.path.join(args.work, "plan_tiny.csv") if args.tiny else os.path.join(RESULTS, "plan.csv")
+        columns = plan.COLUMNS
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(records)
+    print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
+    print("\n".join("| " + " | ".join(str(r.get(k, "")) for k in columns) + " |" for r in records))
+    print(f"{len(records)} rows -> {path} ({(time.time() - t_start) / 60:.1f} min)")
+    return records
+
+
 def main(argv=None):
     args = parse_args(argv)
     scale = dict(res=16, disc=16, pairs=4, lat="--warmup 1 --repeats 2") if args.tiny else \
         dict(res=512, disc=224, pairs=64, lat="--warmup 3 --repeats 10")
     t_start = time.time()
+    if args.plan or args.plan_check:
+        return run_plan(args, t_start)
     deadline = t_start + 60 * args.max_minutes if args.max_minutes else None
     needs = sorted({n for r in args.selected for n in r.needs})
     if args.dry_run:

@@ -219,3 +219,32 @@ def test_lever_mistakes_are_one_line_exit_2(tiny_add_world, tmp_path, capsys, ca
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_shipped_teacher_runs_the_recipe_and_paper_losses_restores_the_paper():
+    """--teacher fmnist brings the CPU defaults and the recipe (printed at the start, listed in --help);
+    --paper-losses keeps the CPU defaults but the paper's losses; any flag given still wins."""
+    recipe = add.parse_args(["--teacher", "fmnist"])
+    for k, v in add.CPU_RECIPE.items():
+        assert getattr(recipe, k) == v, k
+    assert recipe.loss == "adv" and recipe.lambda_pair > 0 and recipe.score_num == 2000
+    paper = add.parse_args(["--teacher", "fmnist", "--paper-losses"])
+    assert (paper.loss, paper.lambda_pair, paper.pair_steps, paper.anchor, paper.backward_sim, paper.ema) == \
+        ("both", 0.0, "T", "none", False, 0.0)
+    assert paper.batch_size == recipe.batch_size == 32 and paper.disc_backbone == "efficientnet-lite0"
+    assert add.parse_args(["--teacher", "fmnist", "--ema", "0.5"]).ema == 0.5
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        add.parse_args(["--help"])
+    assert add.flags_of(add.CPU_RECIPE) in " ".join(out.getvalue().split())
+
+
+@pytest.mark.parametrize("argv,msg", [(["--paper-losses"], "--paper-losses is for the shipped teachers"),
+                                      (["--score-num", "10"], "--score-num scores against Fashion-MNIST")])
+def test_recipe_flags_refused_elsewhere(tiny_add_world, argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        add.parse_args(["--teacher", tiny_add_world["pix"], "--data", tiny_add_world["cls"], *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err

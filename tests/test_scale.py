@@ -61,3 +61,71 @@ def test_a_failing_command_and_the_time_budget_become_statuses(tmp_path):
     records = scale.main(["--tiny", "--in-process", "--rows", "lat-in64", "--max-minutes", "1e-6",
                           "--work", str(tmp_path / "w"), "--csv", str(tmp_path / "s.csv")])
     assert [r["status"] for r in records] == ["skipped: time budget"]
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+    """`scale.py --plan --tiny` once (every row, two trace processes): its records and its folder (traces cached)."""
+    work = tmp_path_factory.mktemp("plan")
+    return scale.main(["--plan", "--tiny", "--work", str(work), "--workers", "2"]), work
+
+
+@pytest.mark.slow
+def test_plan_counts_weights_gradients_and_adamw_state_exactly(tiny_plan):
+    """--plan on the tiny configs (fake tensors): the weights, gradients and AdamW state of DMD (generator and fake
+    score trained, the teacher frozen) and of ADD with LoRA (the adapters and the heads trained) against counts of
+    the real tiny models: 4 + 4 + 8 bytes a trained float32 parameter, 4 a frozen one, and a 4-byte AdamW step per
+    trained tensor."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    import add
+    from benchmark import plan
+    rows, cache = {r.name: r for r in scale.ROWS}, str(tiny_plan[1] / "plan" / "traces.json")
+    dmd = plan.row_spec(rows["dmd-in64-b336"], tiny=True, precision="fp32")
+    c = plan.compose(dmd, plan.traces(plan.trace_keys(dmd), cache, workers=1))
+    unet = UNet2DModel(**scale.in64_config(True))
+    n, tensors = sum(p.numel() for p in unet.parameters()), len(list(unet.parameters()))
+    assert c["weights"] == 3 * 4 * n and c["grads"] == 2 * 4 * n and c["opt"] == 2 * (8 * n + 4 * tensors)
+    assert 0 < c["saved"] and c["peak"] > c["weights"] + c["grads"] + c["opt"]
+    lora = plan.row_spec(rows["add-sdxl-b2-lora64"], tiny=True, precision="fp32")
+    c = plan.compose(lora, plan.traces(plan.trace_keys(lora), cache, workers=1))
+    student = add.add_lora(UNet2DConditionModel(**scale.sd_unet_config(True, True)), 64)
+    adapters = [p for k, p in student.named_parameters() if "lora_" in k]
+    heads = [p for _ in range(4) for p in add.StyleGANTHead(16, 32).parameters()]
+    trained = sum(p.numel() for p in adapters + heads)
+    assert c["grads"] == 4 * trained and c["opt"] == 8 * trained + 4 * len(adapters + heads)
+    assert c["by_network"]["student"] == 4 * sum(p.numel() for p in student.parameters())
+
+
+@pytest.mark.slow
+def test_plan_writes_every_row_marked_planned(tiny_plan):
+    records, work = tiny_plan
+    names = [r.name for r in scale.ROWS] + ["dmd-sd15-default", "add-sdxl-default"]
+    assert [r["row"] for r in records] == names
+    rows = list(csv.DictReader(open(work / "plan_tiny.csv")))
+    assert [r["row"] for r in rows] == names and all(r["status"] == "planned (fake tensors)" for r in rows)
+    for r in rows:
+        assert float(r["peak_gib"]) >= float(r["weights_gib"]) > 0 and float(r["tflop_per_update"]) > 0, r
+        assert float(r["s_at_40_mfu"]) == pytest.approx(2.5 * float(r["s_at_100_mfu"]), rel=0.01)
+
+
+def test_live_memory_and_the_cuda_autocast_emulation():
+    """probe.LiveMemory counts what an operation creates while it lives (a linear layer's output: exactly its bytes,
+    the weight's view not counted); plan.cuda_autocast casts as CUDA's autocast: convolutions to bf16 (the weight's
+    cast cached), group norm back to float32, sums in float32."""
+    import torch
+
+    from benchmark import plan, probe
+    lin, x = torch.nn.Linear(64, 32), torch.randn(8, 64)
+    live = probe.LiveMemory()
+    live.ignore([*lin.parameters(), x])
+    with live:
+        y = lin(x)
+        assert live.now == y.numel() * 4
+        del y
+    assert live.now == 0 and live.peak == 8 * 32 * 4
+    conv, gn = torch.nn.Conv2d(4, 4, 3), torch.nn.GroupNorm(2, 4)
+    with plan.cuda_autocast(torch.bfloat16) as amp:
+        h = conv(torch.randn(1, 4, 8, 8))
+        assert h.dtype == torch.bfloat16 and gn(h).dtype == torch.float32 and h.sum().dtype == torch.float32
+        assert conv(h).dtype == torch.bfloat16 and len(amp.cache) == 2   # conv weight and bias, cast once
