@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -134,30 +135,6 @@ def paired_loss(x_hat, y, rows, weight=None):
     return (d if weight is None else d * weight).mean()
 
 
-def ode_levels(r_min, r_max, steps, through=(), rho=7.0):
-    """The noise ratios r = sigma / alpha of a Heun ODE (heun_ode_levels), descending, then 0: EDM's `steps` Karras
-    levels (karras_sigmas) with the ratios `through` inserted, so that the trajectory passes exactly through them
-    (--pair-steps all, --anchor ode: the student's noise levels). -> a list of floats."""
-    return sorted(set(karras_sigmas(steps, r_min, r_max, rho).tolist()) | set(through), reverse=True) + [0.0]
-
-
-@torch.no_grad()
-def heun_ode_levels(denoise, x, levels, keep=()):
-    """heun_ode (EDM Algorithm 1, deterministic Heun, S_churn = 0) on given levels: from x~ = x at r = levels[0]
-    through the descending ratios `levels` to levels[-1] = 0, in x~ = x / alpha, dx~/dr = (x~ - D(x~; r)) / r.
-    -> (x~ at r = 0, [x~ at each ratio of `keep`, which must be among the levels])."""
-    kept = {}
-    for r, r_next in zip(levels[:-1], levels[1:]):
-        if r in keep:
-            kept[r] = x
-        d = (x - denoise(x, r)) / r
-        x_next = x + (r_next - r) * d
-        if r_next > 0:
-            x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
-        x = x_next
-    return x, [kept[r] for r in keep]
-
-
 def student_step_indices(n, count, probs=None, device=None):
     """ADD Sec. 3.1: which of the `count` student timesteps each of n rows is noised at, (n,) indices: uniform (the
     paper), or drawn with probabilities `probs` (--student-timestep-probs; LADD puts 0.7 on the pure-noise step)."""
@@ -225,39 +202,10 @@ class Teacher:
 
     def heun_sample(self, z, cond, steps, uncond=None):
         """The teacher's deterministic ODE sample from noise z: the --lambda-pair pairs' y (teacher_ode_sample); with
-        pair_states_at (--pair-steps all) {'y': y, 'states': its trajectory's states there} (ode_trajectory)."""
+        pair_states_at (--pair-steps all) {'y': y, 'states': its trajectory's states there} (teacher_ode_trajectory)."""
         if self.pair_states_at:
-            return self.ode_trajectory(z, cond, steps, self.pair_states_at)
+            return teacher_ode_trajectory(self, z, cond, steps, self.pair_states_at)
         return teacher_ode_sample(self, z, cond, steps)
-
-    def ode_levels(self, steps, timesteps):
-        """The ratios r of the teacher's Heun ODE for the later student steps (ode_levels): `steps` Karras levels
-        between the teacher's r_min and r_max, and each student step s's r_s = zt_sigma_s / zt_alpha_s."""
-        return ode_levels(self.log_r[0].exp().item(), self.log_r[-1].exp().item(), steps,
-                          [self.student_ratio(s) for s in timesteps[1:]])
-
-    def student_ratio(self, s):
-        """r_s = zt_sigma_s / zt_alpha_s: the noise ratio of the student's input at a step s < T (a float)."""
-        return (self.zt_sigma[s] / self.zt_alpha[s]).item()
-
-    @torch.no_grad()
-    def ode_trajectory(self, z, cond, steps, timesteps):
-        """--pair-steps all: the teacher's ODE from noise z, passing exactly through each later student step s of
-        `timesteps`. -> {'y': its end (B, ...), 'states': the student's input there, x_s = zt_alpha_s x~_s (B, N - 1,
-        ...)}: the state on the student's own schedule at s, as a real x_0 noised at s would be."""
-        levels, later = self.ode_levels(steps, timesteps), timesteps[1:]
-        y, kept = heun_ode_levels(teacher_denoiser(self, cond), z * self.log_r[-1].exp().item(), levels,
-                                  [self.student_ratio(s) for s in later])
-        return {"y": y, "states": torch.stack([self.zt_alpha[s] * x for s, x in zip(later, kept)], 1)}
-
-    @torch.no_grad()
-    def ode_from(self, x_s, s, cond, steps, timesteps):
-        """--anchor ode: the end of the teacher's ODE trajectory through the student's input x_s (B, ...) at its
-        student step s (an int of `timesteps[1:]`, every row alike): from x~ = x_s / zt_alpha_s over the levels of
-        ode_levels below r_s, the same levels ode_trajectory takes (so a stored state ends at its pair's y)."""
-        levels = self.ode_levels(steps, timesteps)
-        tail = levels[levels.index(self.student_ratio(s)):]
-        return heun_ode_levels(teacher_denoiser(self, cond), x_s / self.zt_alpha[s], tail)[0]
 
     @torch.no_grad()
     def distillation_target(self, x_hat, x_t, t, cond, uncond, negative, weighting, guidance, res):
@@ -322,28 +270,6 @@ class FeatureNetwork(nn.Module):
         return [out.hidden_states[i].float() for i in self.layers], out.pooler_output.float()
 
 
-class Head(nn.Module):
-    """--disc-heads simple (before issue 15): a head D_k on one layer's tokens (B, N, D) -> logits (B, N): plain 1D
-    convolutions over tokens (kernel 1, then a residual kernel-9 block), no normalisation, an unconditional logit
-    plus projection conditioning <P c, h> on c = [c_text, c_img]."""
-
-    def __init__(self, dim, cond_dim, hidden=128, cmap=64):
-        super().__init__()
-        self.inp = nn.Conv1d(dim, hidden, 1)
-        self.res = nn.Conv1d(hidden, hidden, 9, padding=4)
-        self.out = nn.Conv1d(hidden, 1, 1)
-        self.proj = nn.Conv1d(hidden, cmap, 1) if cond_dim else None
-        self.embed = nn.Linear(cond_dim, cmap) if cond_dim else None
-
-    def forward(self, f, c):
-        h = F.leaky_relu(self.inp(f.transpose(1, 2)), 0.2)
-        h = h + F.leaky_relu(self.res(h), 0.2)
-        logits = self.out(h)[:, 0]
-        if self.proj is not None:
-            logits = logits + (self.proj(h) * self.embed(c)[:, :, None]).sum(1) / self.proj.out_channels ** 0.5
-        return logits
-
-
 class LocalBatchNorm(nn.Module):
     """StyleGAN-T's "local batch norm" (Sauer et al. 2023, arXiv:2301.09515, Sec. 3, discriminator): batch
     normalisation whose statistics are taken per channel over a group of `group` consecutive samples (a virtual
@@ -384,56 +310,6 @@ class StyleGANTHead(nn.Module):
         if self.embed is None:
             return out[:, 0]
         return (out * self.embed(c)[:, :, None]).sum(1) / out.shape[1] ** 0.5
-
-
-def disc_timesteps(n, T, mean, device=None):
-    """LADD (arXiv:2403.12015, Sec. 3): the discriminator's noise level t ~ logit-normal, t = T sigmoid(m + n),
-    n ~ N(0, 1), as integer steps (n,) in [0, T - 1]. LADD draws it for rectified flow; here on the teacher's steps."""
-    return (torch.sigmoid(mean + torch.randn(n, device=device)) * T).long().clamp(0, T - 1)
-
-
-class _Stop(Exception):
-    """Raised by the last hook of TeacherFeatures: the UNet's up blocks are not needed."""
-
-
-class TeacherFeatures(nn.Module):
-    """LADD's discriminator features (Sauer et al. 2024, arXiv:2403.12015, Sec. 3): the frozen teacher UNet's own
-    activations of x re-noised at a discriminator step t, x_t = alpha_t x + sigma_t eps (the teacher's schedule),
-    read by forward hooks after each down block and the middle block (the forward stops there). Works in the
-    teacher's model space (latents: no VAE decoding) and needs no other weights. x: (B, C, h, w), cond: the teacher's
-    conditioning of those rows, t: (B,) steps or None (drawn by disc_timesteps) -> ([tokens (B, h_k w_k, C_k)],
-    the middle block's mean token (B, C_last) for c_img). Gradients reach x; the teacher has requires_grad False."""
-
-    def __init__(self, tch, res, t_mean=1.0):
-        super().__init__()
-        self.tch, self.res, self.t_mean = tch, res, t_mean   # tch is no Module: its UNet stays out of state_dict
-        unet = tch.unet
-        self.blocks = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else [])
-        ch = list(unet.config.block_out_channels)
-        self.dims = (ch + ch[-1:])[:len(self.blocks)]
-        self.embed_dim = self.dims[-1]
-
-    def forward(self, x, cond=None, t=None):
-        t = disc_timesteps(len(x), len(self.tch.alpha), self.t_mean, x.device) if t is None else t
-        a, s = self.tch.alpha[t].view(-1, 1, 1, 1), self.tch.sigma[t].view(-1, 1, 1, 1)
-        x_t = add_noise(x, torch.randn_like(x), a, s)
-        feats = []
-
-        def grab(module, inputs, out):
-            feats.append(out[0] if isinstance(out, tuple) else out)
-            if len(feats) == len(self.blocks):
-                raise _Stop
-
-        hooks = [b.register_forward_hook(grab) for b in self.blocks]
-        try:
-            self.tch.output(self.tch.unet, x_t, t, cond if cond is not None else {}, self.res)
-        except _Stop:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
-        tokens = [f.float().flatten(2).transpose(1, 2) for f in feats]
-        return tokens, tokens[-1].mean(1)
 
 
 def diff_augment(x, policy):
@@ -526,7 +402,7 @@ def backward_simulation(tch, student, z, cond, timesteps, steps, res):
 def anchor_target(tch, args, x_s, x0, img0, steps, later, cond):
     """--anchor ode | recon: a target for each row at a later student step that holds no pair (`later`, (B,) bool),
     in pixels, and its weight (B,) (0 on the other rows). ode: the end of the teacher's ODE trajectory through the
-    row's own input x_s (Teacher.ode_from, --anchor-ode-steps levels), weight 1: one sample, not a mean. recon: the
+    row's own input x_s (teacher_ode_from, --anchor-ode-steps levels), weight 1: one sample, not a mean. recon: the
     row's x_0, weight alpha_s^2 (the student's schedule): the posterior mean's target. steps: (B,) student step
     indices. -> (target (B, ...), weight), or (None, None) without such an anchor or rows."""
     if args.anchor not in ("ode", "recon") or not later.any():
@@ -539,7 +415,7 @@ def anchor_target(tch, args, x_s, x0, img0, steps, later, cond):
         y = torch.zeros_like(x_s)
         for k in steps[later].unique().tolist():   # rows of one step at a time: they share the ODE's levels
             rows = (later & (steps == k)).nonzero()[:, 0]
-            y[rows] = tch.ode_from(x_s[rows], ts[k], rows_of(cond, rows), args.anchor_ode_steps, ts)
+            y[rows] = teacher_ode_from(tch, x_s[rows], ts[k], rows_of(cond, rows), args.anchor_ode_steps, ts)
         return tch.decode(y), later.float()
 
 
@@ -559,10 +435,6 @@ def train(args, stop=None):
 
     # 0. frozen teacher psi, student theta (from the teacher, Table 1c), discriminator (frozen F + heads phi)
     tch = load_teacher(args, device)
-    if args.distill_weighting == "nfsd" and not tch.text:
-        fail("--distill-weighting nfsd needs a text-to-image teacher (it uses unconditional and negative prompts)")
-    if args.anchor == "ode" and (tch.text or tch.vae is not None):
-        fail("--anchor ode is built for pixel teachers (class-conditional or unconditional) only")
     res, shape = args.resolution, sample_shape(tch, args)
     data = load_data(tch, args, shape, device, run.rank, run.world)   # real x_0, or the teacher's own (LADD)
     pairs = load_pairs(tch, args, shape, device, run.rank, run.world) if args.lambda_pair else None
@@ -575,36 +447,22 @@ def train(args, stop=None):
     opt_d = torch.optim.AdamW(disc.heads.parameters(), lr=args.lr_disc, weight_decay=args.weight_decay,
                               betas=(0.0, 0.99), fused=device.type == "cuda")
     ema = copy.deepcopy(student).requires_grad_(False) if args.ema else None   # --ema: what is sampled and exported
-    run.resume({"student": student, "heads": disc.heads, "opt_s": opt_s, "opt_d": opt_d} |
-               ({"ema": ema} if ema is not None else {}),
+    run.resume(dict(student=student, heads=disc.heads, opt_s=opt_s, opt_d=opt_d, **({"ema": ema} if ema else {})),
                lrs=[(opt_s, None, args.lr, "lr"), (opt_d, None, args.lr_disc, "lr_disc")])
     run_student, run_heads = run.wrap(student, args.compile), run.wrap(disc)
-    uncond = tch.encode_text([""], device) if tch.text else None
-    negative = tch.encode_text([NFSD_NEGATIVE], device) if args.distill_weighting == "nfsd" else None
-    guidance = 7.5 if args.distill_weighting == "nfsd" and args.guidance == 1.0 else args.guidance
+    uncond, negative, guidance = distillation_prompts(tch, args, device)   # Eq. 4's CFG (text teachers), NFSD
     ts = torch.tensor(args.student_timesteps, device=device)
-    vis_g = torch.Generator().manual_seed(args.seed + 12345)
-    z_vis = torch.randn((8, *shape), generator=vis_g).to(device)
-    vis_conds = read_prompts(os.path.join(PROMPTS, "eval.txt"))[:8] if data.latent else data.batch(8, vis_g)[1]
-
-    def conditioning(raw):
-        if tch.text:
-            return tch.encode_text(raw, device)
-        return {"labels": torch.tensor(raw, device=device)} if tch.num_classes else {}
+    z_vis, vis_conds = grid_inputs(data, shape, args, device)   # fixed noise and conditions of the sample grids
 
     def features(x, cond):   # what each head k reads: F_k(DiffAugment(x)); x: pixels, or latents for on_teacher
         return disc.feat(diff_augment(x, args.diffaug), cond)[0]
 
     def student_batch():
-        """Step 1: real x_0 (or the teacher's own latents), noised at a student timestep s (zero terminal SNR),
-        denoised by the student. Deviations: --lambda-pair: the pure-noise rows (every row with --pair-steps all)
-        take a pair's ODE state at s as x_s (its noise z at s = T) and y(z) as their target; --backward-sim: the rows
-        at s < T take the student's own chain from pure noise instead (backward_simulation); --anchor ode | recon: a
-        target for the rows at s < T that hold no pair (anchor_target). -> a namespace: real (the discriminator's
-        real input), cond, x_hat, img_hat (pixels), c, y and paired (pair targets and their rows), anchor and
-        anchor_weight, later (rows at s < T without a pair)."""
+        """Step 1: real x_0 (or the teacher's own latents) noised at a student timestep s (zero terminal SNR), denoised
+        by the student; the deviations' inputs and targets (--lambda-pair, --pair-steps, --backward-sim, --anchor)
+        as the comments say. -> real (the discriminator's real input), cond, x_hat, img_hat, c and the targets."""
         batch, raw = data.batch(m)
-        batch, cond = batch.to(device), conditioning(raw)
+        batch, cond = batch.to(device), conditions_of(tch, raw, device)
         with torch.no_grad():
             x0, img0 = (batch, None if on_teacher else tch.decode(batch).clamp(-1, 1)) if data.latent else \
                 (tch.encode_images(batch), batch)
@@ -629,9 +487,8 @@ def train(args, stop=None):
             rows = later.nonzero()[:, 0]
             x_s[rows] = backward_simulation(tch, run_student, torch.randn_like(x_s[rows]), rows_of(cond, rows),
                                             args.student_timesteps, k[rows], res)
-        # three schedules meet: x_s is noised on the student's zero-terminal-SNR schedule at s (zt_alpha_s, zt_sigma_s);
-        # the student's output is read as x_hat with the teacher's own alpha_s, sigma_s (Teacher.x0 at step s); Eq. 4
-        # re-noises x_hat on the teacher's own schedule at its t (step 3)
+        # three schedules meet: x_s on the student's zero-terminal-SNR schedule at s; x_hat read with the teacher's own
+        # alpha_s, sigma_s (Teacher.x0 at step s); Eq. 4 re-noises x_hat on the teacher's own schedule at its t (step 3)
         x_hat = tch.x0(run_student, x_s, s, cond, res)
         img_hat = tch.decode(x_hat) if use_distill or not on_teacher or pairs is not None or args.anchor != "none" \
             else None   # pixels
@@ -639,14 +496,12 @@ def train(args, stop=None):
         saw_x0 = ~(at_noise | paired | (later & args.backward_sim))   # c_img only where x_s came from x_0
         keep_img = saw_x0 if args.img_cond_at_noise == "drop" else None   # no c_img at pure noise
         c = disc_condition(args.disc_cond, tch.c_text(cond), c_img, keep_img)
-        return SimpleNamespace(real=real, cond=cond, x_hat=x_hat, img_hat=img_hat, c=c, y=y, paired=paired,
-                               anchor=anchor, anchor_weight=weight, later=later)
+        return SimpleNamespace(real=real, cond=cond, x_hat=x_hat, img_hat=img_hat, c=c, y=y, paired=paired, later=later,
+                               fake=x_hat if on_teacher else img_hat, anchor=anchor, anchor_weight=weight)
 
-    def grid(path):
-        save_grids(tch, student if ema is None else ema, z_vis, lambda: conditioning(vis_conds), args, device, path)
-
-    def export(path):
-        export_student(tch, student if ema is None else ema, args, shape, path)
+    shown = student if ema is None else ema   # what the sample grids show and the export holds (--ema: the average)
+    grid = functools.partial(save_grids, tch, shown, z_vis, lambda: conditions_of(tch, vis_conds, device), args, device)
+    export = functools.partial(export_student, tch, shown, args, shape)
 
     run.start()
     while run.step < args.max_steps:
@@ -661,8 +516,7 @@ def train(args, stop=None):
                 loss = b.x_hat.new_zeros((), dtype=torch.float32)
                 if use_adv:
                     # 2. adversarial loss (Eq. 2) through the frozen feature network
-                    loss_adv = adversarial_generator_loss(disc(features(b.x_hat if on_teacher else b.img_hat, b.cond),
-                                                               b.c))
+                    loss_adv = adversarial_generator_loss(disc(features(b.fake, b.cond), b.c))
                     loss = loss + loss_adv
                     sums["loss_adv"] += loss_adv.item() / accum
                 if use_distill or args.anchor == "distill":
@@ -675,13 +529,11 @@ def train(args, stop=None):
                         target = tch.distillation_target(b.x_hat.detach(), x_t, t, b.cond, uncond, negative,
                                                          args.distill_weighting, guidance, res)
                         target_img = tch.decode(target)
-                    c_t = distillation_weight(args.distill_weighting, alpha_t, sigma_t)
-                    c_t = c_t if use_distill else c_t * b.later.view(-1, 1, 1, 1)
+                    c_t = distillation_weight(args.distill_weighting, alpha_t, sigma_t) * \
+                        (1 if use_distill else b.later.view(-1, 1, 1, 1))
                     loss_distill = score_distillation_loss(b.img_hat, target_img, c_t)
-                    weight, name = (args.lambda_distill, "loss_distill") if use_distill else \
-                        (args.lambda_anchor, "loss_anchor")
-                    loss = loss + weight * loss_distill
-                    sums[name] += loss_distill.item() / accum
+                    loss = loss + (args.lambda_distill if use_distill else args.lambda_anchor) * loss_distill
+                    sums["loss_distill" if use_distill else "loss_anchor"] += loss_distill.item() / accum
                 if b.y is not None:
                     # 3b. deviation --lambda-pair: the pair rows against the teacher's ODE output y(z)
                     loss_pair = paired_loss(b.img_hat, b.y, b.paired)
@@ -694,7 +546,7 @@ def train(args, stop=None):
                     sums["loss_anchor"] += loss_anchor.item() / accum
                 # 4. L = L_adv^G + lambda L_distill (Eq. 1), + the deviations' terms
                 (loss / accum).backward()
-            stash.append((b.real, (b.x_hat if on_teacher else b.img_hat).detach(), b.c, b.cond))
+            stash.append((b.real, b.fake.detach(), b.c, b.cond))
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         bad = nonfinite({k: v for k, v in sums.items() if k not in ("loss_disc", "r1")} |
                         {"student gradient norm": norm}, run.world, device)
@@ -715,7 +567,7 @@ def train(args, stop=None):
                     else:
                         with torch.no_grad():
                             b = student_batch()
-                            real, fake, c, cond = b.real, b.x_hat if on_teacher else b.img_hat, b.c, b.cond
+                            real, fake, c, cond = b.real, b.fake, b.c, b.cond
                     with torch.no_grad():
                         f_real, f_fake = features(real, cond), features(fake, cond)
                     f_real = [f.requires_grad_(True) for f in f_real]   # R1 on each head's (augmented) input
@@ -1006,6 +858,29 @@ def add_run_flags(a, export, lr_flags, sample_every, sample_help):
 # ----------------------------------------------------------------------------------------------------------
 # Loading: the teacher (hub or folder), the student, the discriminator
 # ----------------------------------------------------------------------------------------------------------
+def conditions_of(tch, raw, device):
+    """A batch's conditioning as the teacher takes it: prompts -> text embeddings, class labels -> a tensor."""
+    if tch.text:
+        return tch.encode_text(raw, device)
+    return {"labels": torch.tensor(raw, device=device)} if tch.num_classes else {}
+
+
+def distillation_prompts(tch, args, device):
+    """Eq. 4's conditionings besides each row's own: the empty prompt (classifier-free guidance; text teachers) and
+    NFSD's negative prompt, and the guidance scale (NFSD: 7.5 when --guidance is left at 1)."""
+    uncond = tch.encode_text([""], device) if tch.text else None
+    negative = tch.encode_text([NFSD_NEGATIVE], device) if args.distill_weighting == "nfsd" else None
+    return uncond, negative, 7.5 if args.distill_weighting == "nfsd" and args.guidance == 1.0 else args.guidance
+
+
+def grid_inputs(data, shape, args, device):
+    """The sample grids' fixed noise (8 rows) and conditions (prompts/eval.txt, or 8 drawn labels), from their own
+    generator (the training RNG untouched)."""
+    g = torch.Generator().manual_seed(args.seed + 12345)
+    z = torch.randn((8, *shape), generator=g).to(device)
+    return z, read_prompts(os.path.join(PROMPTS, "eval.txt"))[:8] if data.latent else data.batch(8, g)[1]
+
+
 def load_teacher(args, device):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
     where = HUB.get(args.teacher, args.teacher)
@@ -1045,6 +920,10 @@ def load_teacher(args, device):
     for m in [tch.unet, tch.vae, *tch.encoders]:
         if m is not None:
             m.requires_grad_(False).eval().to(device)
+    if args.distill_weighting == "nfsd" and not tch.text:
+        fail("--distill-weighting nfsd needs a text-to-image teacher (it uses unconditional and negative prompts)")
+    if args.anchor == "ode" and (tch.text or tch.vae is not None):
+        fail("--anchor ode is built for pixel teachers (class-conditional or unconditional) only")
     return tch
 
 
@@ -1095,6 +974,78 @@ def init_student(tch, args, device):
     if args.lora_rank:
         student = add_lora(student, args.lora_rank)
     return student
+
+
+class Head(nn.Module):
+    """--disc-heads simple (before issue 15): a head D_k on one layer's tokens (B, N, D) -> logits (B, N): plain 1D
+    convolutions over tokens (kernel 1, then a residual kernel-9 block), no normalisation, an unconditional logit
+    plus projection conditioning <P c, h> on c = [c_text, c_img]."""
+
+    def __init__(self, dim, cond_dim, hidden=128, cmap=64):
+        super().__init__()
+        self.inp = nn.Conv1d(dim, hidden, 1)
+        self.res = nn.Conv1d(hidden, hidden, 9, padding=4)
+        self.out = nn.Conv1d(hidden, 1, 1)
+        self.proj = nn.Conv1d(hidden, cmap, 1) if cond_dim else None
+        self.embed = nn.Linear(cond_dim, cmap) if cond_dim else None
+
+    def forward(self, f, c):
+        h = F.leaky_relu(self.inp(f.transpose(1, 2)), 0.2)
+        h = h + F.leaky_relu(self.res(h), 0.2)
+        logits = self.out(h)[:, 0]
+        if self.proj is not None:
+            logits = logits + (self.proj(h) * self.embed(c)[:, :, None]).sum(1) / self.proj.out_channels ** 0.5
+        return logits
+
+
+def disc_timesteps(n, T, mean, device=None):
+    """LADD (arXiv:2403.12015, Sec. 3): the discriminator's noise level t ~ logit-normal, t = T sigmoid(m + n),
+    n ~ N(0, 1), as integer steps (n,) in [0, T - 1]. LADD draws it for rectified flow; here on the teacher's steps."""
+    return (torch.sigmoid(mean + torch.randn(n, device=device)) * T).long().clamp(0, T - 1)
+
+
+class _Stop(Exception):
+    """Raised by the last hook of TeacherFeatures: the UNet's up blocks are not needed."""
+
+
+class TeacherFeatures(nn.Module):
+    """LADD's discriminator features (Sauer et al. 2024, arXiv:2403.12015, Sec. 3): the frozen teacher UNet's own
+    activations of x re-noised at a discriminator step t, x_t = alpha_t x + sigma_t eps (the teacher's schedule),
+    read by forward hooks after each down block and the middle block (the forward stops there). Works in the
+    teacher's model space (latents: no VAE decoding) and needs no other weights. x: (B, C, h, w), cond: the teacher's
+    conditioning of those rows, t: (B,) steps or None (drawn by disc_timesteps) -> ([tokens (B, h_k w_k, C_k)],
+    the middle block's mean token (B, C_last) for c_img). Gradients reach x; the teacher has requires_grad False."""
+
+    def __init__(self, tch, res, t_mean=1.0):
+        super().__init__()
+        self.tch, self.res, self.t_mean = tch, res, t_mean   # tch is no Module: its UNet stays out of state_dict
+        unet = tch.unet
+        self.blocks = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else [])
+        ch = list(unet.config.block_out_channels)
+        self.dims = (ch + ch[-1:])[:len(self.blocks)]
+        self.embed_dim = self.dims[-1]
+
+    def forward(self, x, cond=None, t=None):
+        t = disc_timesteps(len(x), len(self.tch.alpha), self.t_mean, x.device) if t is None else t
+        a, s = self.tch.alpha[t].view(-1, 1, 1, 1), self.tch.sigma[t].view(-1, 1, 1, 1)
+        x_t = add_noise(x, torch.randn_like(x), a, s)
+        feats = []
+
+        def grab(module, inputs, out):
+            feats.append(out[0] if isinstance(out, tuple) else out)
+            if len(feats) == len(self.blocks):
+                raise _Stop
+
+        hooks = [b.register_forward_hook(grab) for b in self.blocks]
+        try:
+            self.tch.output(self.tch.unet, x_t, t, cond if cond is not None else {}, self.res)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        tokens = [f.float().flatten(2).transpose(1, 2) for f in feats]
+        return tokens, tokens[-1].mean(1)
 
 
 def build_discriminator(tch, args, device):
@@ -1430,6 +1381,39 @@ def teacher_denoiser(tch, cond):
     return D
 
 
+def student_ratio(tch, s):
+    """r_s = zt_sigma_s / zt_alpha_s: the noise ratio of the student's input at a step s < T (a float)."""
+    return (tch.zt_sigma[s] / tch.zt_alpha[s]).item()
+
+
+def trajectory_levels(tch, steps, timesteps):
+    """The ratios r of the teacher's Heun ODE for the later student steps (ode_levels): `steps` Karras levels between
+    the teacher's r_min and r_max, and each later student step s's r_s."""
+    return ode_levels(tch.log_r[0].exp().item(), tch.log_r[-1].exp().item(), steps,
+                      [student_ratio(tch, s) for s in timesteps[1:]])
+
+
+@torch.no_grad()
+def teacher_ode_trajectory(tch, z, cond, steps, timesteps):
+    """--pair-steps all: the teacher's ODE from noise z, passing exactly through each later student step s of
+    `timesteps`. -> {'y': its end (B, ...), 'states': the student's input there, x_s = zt_alpha_s x~_s (B, N - 1,
+    ...)}: the state on the student's own schedule at s, as a real x_0 noised at s would be."""
+    levels, later = trajectory_levels(tch, steps, timesteps), timesteps[1:]
+    y, kept = heun_ode_levels(teacher_denoiser(tch, cond), z * tch.log_r[-1].exp().item(), levels,
+                              [student_ratio(tch, s) for s in later])
+    return {"y": y, "states": torch.stack([tch.zt_alpha[s] * x for s, x in zip(later, kept)], 1)}
+
+
+@torch.no_grad()
+def teacher_ode_from(tch, x_s, s, cond, steps, timesteps):
+    """--anchor ode: the end of the teacher's ODE trajectory through the student's input x_s (B, ...) at its student
+    step s (an int of `timesteps[1:]`, every row alike): from x~ = x_s / zt_alpha_s over the levels of
+    trajectory_levels below r_s, the levels teacher_ode_trajectory takes (so a stored state ends at its pair's y)."""
+    levels = trajectory_levels(tch, steps, timesteps)
+    tail = levels[levels.index(student_ratio(tch, s)):]
+    return heun_ode_levels(teacher_denoiser(tch, cond), x_s / tch.zt_alpha[s], tail)[0]
+
+
 class PairConditions:
     """What the copied build_pairs needs of the conditioning: draw(n, generator) -> class ids (or None), embed(ids)
     -> the teacher's conditioning; no unconditional embedding (pixel teachers take no guidance)."""
@@ -1496,6 +1480,30 @@ def heun_ode(denoise, z, r_min, r_max, steps, rho=7.0):
             x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
         x = x_next
     return x
+
+
+def ode_levels(r_min, r_max, steps, through=(), rho=7.0):
+    """The noise ratios r = sigma / alpha of a Heun ODE (heun_ode_levels), descending, then 0: EDM's `steps` Karras
+    levels (karras_sigmas) with the ratios `through` inserted, so that the trajectory passes exactly through them
+    (--pair-steps all, --anchor ode: the student's noise levels). -> a list of floats."""
+    return sorted(set(karras_sigmas(steps, r_min, r_max, rho).tolist()) | set(through), reverse=True) + [0.0]
+
+
+@torch.no_grad()
+def heun_ode_levels(denoise, x, levels, keep=()):
+    """heun_ode (EDM Algorithm 1, deterministic Heun, S_churn = 0) on given levels: from x~ = x at r = levels[0]
+    through the descending ratios `levels` to levels[-1] = 0, in x~ = x / alpha, dx~/dr = (x~ - D(x~; r)) / r.
+    -> (x~ at r = 0, [x~ at each ratio of `keep`, which must be among the levels])."""
+    kept = {}
+    for r, r_next in zip(levels[:-1], levels[1:]):
+        if r in keep:
+            kept[r] = x
+        d = (x - denoise(x, r)) / r
+        x_next = x + (r_next - r) * d
+        if r_next > 0:
+            x_next = x + (r_next - r) * (d + (x_next - denoise(x_next, r_next)) / r_next) / 2
+        x = x_next
+    return x, [kept[r] for r in keep]
 
 
 # Copied from dmd.py: teacher_fingerprint

@@ -85,7 +85,7 @@ def test_anchors_move_only_the_rows_they_name():
             torch.testing.assert_close(target, x0)
             torch.testing.assert_close(weight, later.float() * tch.zt_alpha[torch.tensor(TS)] ** 2)
         else:   # each row's own ODE end: the same rows alone give the same targets
-            one = tch.ode_from(x_s[2:3], 499, {"labels": cond["labels"][2:3]}, 6, TS)
+            one = add.teacher_ode_from(tch, x_s[2:3], 499, {"labels": cond["labels"][2:3]}, 6, TS)
             torch.testing.assert_close(target[2:3], one)
     # distill: Eq. 4 with c(t) zeroed on the pure-noise row
     x_hat = torch.randn(4, 1, 4, 4, requires_grad=True)
@@ -115,15 +115,15 @@ def test_ode_levels_pass_through_the_student_levels():
 
 def test_ode_states_integrate_to_their_pairs_y(tiny_add_world):
     """--pair-steps all: the state kept at each later student step is on the pair's trajectory: the teacher's ODE
-    from it (Teacher.ode_from, the --anchor ode target) ends at the pair's y. A state kept at the wrong level or
+    from it (teacher_ode_from, the --anchor ode target) ends at the pair's y. A state kept at the wrong level or
     in the wrong variables (x~ instead of x_s = alpha_s x~) would not."""
     w = tiny_add_world
     tch = add.load_teacher(add.parse_args(["--teacher", w["pix"], "--data", w["cls"]]), torch.device("cpu"))
     z, cond = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), {"labels": torch.tensor([0, 1, 2])}
-    out = tch.ode_trajectory(z, cond, 6, TS)
+    out = add.teacher_ode_trajectory(tch, z, cond, 6, TS)
     assert out["states"].shape == (3, 3, 1, 8, 8)
     for k in (1, 2, 3):
-        y = tch.ode_from(out["states"][:, k - 1], TS[k], cond, 6, TS)
+        y = add.teacher_ode_from(tch, out["states"][:, k - 1], TS[k], cond, 6, TS)
         torch.testing.assert_close(y, out["y"], rtol=1e-4, atol=1e-4)
     # the states have the student's input statistics at s: x_s = alpha_s x_0 + sigma_s eps has std ~ sigma_s
     # at s = 749 (alpha_s ~ 0.05); the ODE's x~ there would have std ~ r_s ~ 19

@@ -62,13 +62,14 @@ def test_readme_cpu_commands_run_as_written_at_tiny_size(tmp_path):
 
 def test_a_missing_local_folder_is_named_at_once_by_the_script_called(tmp_path):
     """For each script, a --teacher / --generator / --student-init path that looks local and is not there: one line
-    naming the script and "no such folder", exit 2, in under 5 s (before any hub lookup). Two at a time."""
+    naming the script and "no such folder", exit 2, in under 5 s (before any hub lookup). One at a time (beside a
+    pytest -n 2 worker: two processes on two cores)."""
     cases = [["dmd.py", "--teacher", "./nope"], ["add.py", "--teacher", "runs/teacher"],
              ["sample.py", "--generator", "runs/x/generator"],
              ["eval.py", "generate", "--teacher", "./nope", "--out", "x.npz"],
              ["sample.py", "--teacher", "nope/a/b"], ["add.py", "--teacher", "fmnist", "--student-init", "./nope"]]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for pair in (cases[i:i + 2] for i in range(0, len(cases), 2)):
+    for pair in ([c] for c in cases):
         t0 = time.time()
         procs = [subprocess.Popen([sys.executable, str(ROOT / c[0]), *c[1:]], cwd=tmp_path, stderr=subprocess.PIPE,
                                   stdout=subprocess.DEVNULL, text=True, env=env) for c in pair]
