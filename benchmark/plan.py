@@ -415,10 +415,10 @@ def compose(spec, tr, micro=None):
             "phases": phases, "by_network": by_network}
 
 
-def largest_micro_batch(spec, tr, cap=4096):
-    """The largest micro-batch whose planned peak fits BUDGET_GIB (the peak grows with it: doubling, then
-    bisection); 0 if not even 1 fits, `cap` if that does."""
-    fits = lambda m: compose(spec, tr, m)["peak"] <= BUDGET_GIB * GiB  # noqa: E731
+def largest_batch(spec, tr, cap=4096):
+    """The largest batch that fits BUDGET_GIB in one micro-batch (no accumulation; the peak grows with it: doubling,
+    then bisection); 0 if not even 1 fits, `cap` if that does."""
+    fits = lambda m: compose(dict(spec, batch=m, micro=m), tr)["peak"] <= BUDGET_GIB * GiB  # noqa: E731
     if not fits(1):
         return 0
     lo = 1
@@ -429,6 +429,13 @@ def largest_micro_batch(spec, tr, cap=4096):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def largest_micro_batch(spec, tr):
+    """The largest --micro-batch (a divisor of the row's batch) whose update, the rest accumulated, fits BUDGET_GIB;
+    0 if none does."""
+    return next((d for d in range(spec["batch"], 0, -1) if spec["batch"] % d == 0 and
+                 compose(spec, tr, d)["peak"] <= BUDGET_GIB * GiB), 0)
 
 
 def most_memory(c):
@@ -454,7 +461,7 @@ def default_rows():
 
 COLUMNS = ["row", "batch", "micro_batch", "precision", "checkpointing", "weights_gib", "gradients_gib",
            "optimizer_gib", "activations_gib", "peak_gib", "peak_phase", "tflop_per_update", "s_at_100_mfu",
-           "s_at_40_mfu", "largest_micro_batch_80gb", "fits_80gb", "most_memory", "status"]
+           "s_at_40_mfu", "fits_80gb", "largest_micro_batch_80gb", "largest_batch_80gb", "most_memory", "status"]
 
 
 def plan(rows, tiny=False, precision="bf16", work=None, workers=2, log=print):
@@ -475,6 +482,7 @@ def plan(rows, tiny=False, precision="bf16", work=None, workers=2, log=print):
             "s_at_100_mfu": f"{c['flops'] / (H100_TFLOPS * 1e12):.3g}",
             "s_at_40_mfu": f"{c['flops'] / (0.4 * H100_TFLOPS * 1e12):.3g}",
             "largest_micro_batch_80gb": largest_micro_batch(spec, tr) if train else "",
+            "largest_batch_80gb": largest_batch(spec, tr) if train else "",
             "fits_80gb": "yes" if c["peak"] <= BUDGET_GIB * GiB else "no", "most_memory": most_memory(c),
             "status": "planned (fake tensors)"})
     return records
