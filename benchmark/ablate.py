@@ -189,9 +189,46 @@ def score_all(args, exports, final, run_dir, wall, flags=""):
     curve_figure(rows, args.results.replace(".csv", "_curves.png"))
     curve_figure([r for r in rows if (r["method"], r["name"]) in ADD_CURVES],
                  args.results.replace(".csv", "_add_curves.png"))   # the ADD levers' curves alone, readable
+    lever_figure(rows, args.results.replace(".csv", "_add_steps.png"))   # issue 37: the later steps' levers
     sample_figure(args, args.results.replace(".csv", "_samples.png"))
     sample_figure(args, args.results.replace(".csv", "_add_samples.png"), ADD_FIGURE)
     print(f"rows in {args.results} ({time.strftime('%H:%M:%S')})")
+
+
+def lever_figure(rows, path):
+    """ADD_STEPS' runs (seed 0; the recipe's seeds dashed): FD_FMNIST and recall at 1 and 4 sampling steps against
+    training steps, the teacher's best row as a line: whether a lever's four steps keep improving or decay."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [(n, s) for n in ADD_STEPS for s in ("0", "1") if any(r["name"] == n and r["seed"] == s for r in rows)]
+    if not runs:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for k, (name, seed) in enumerate(runs):
+        for col, steps in enumerate(("1", "4")):
+            pts = sorted((int(r["train_steps"]), float(r["fd_fmnist"]), float(r["recall"])) for r in rows
+                         if r["method"] == "add" and r["name"] == name and r["seed"] == seed and
+                         r["sampling_steps"] == steps)
+            style = dict(color=colours(ADD_STEPS.index(name) % 10), ls="-" if seed == "0" else "--", marker="o", ms=3,
+                         label=f"{name}, seed {seed}")
+            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], **style)
+            axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], **style)
+    for col, steps in enumerate(("1 step", "4 steps")):
+        axes[0][col].axhline(TEACHER_BEST[0], color="k", lw=0.8, ls=":", label="teacher, 64 Heun steps")
+        axes[1][col].axhline(TEACHER_BEST[1], color="k", lw=0.8, ls=":")
+        axes[0][col].set_title(f"ADD at {steps}", fontsize=9)
+        axes[0][col].set_yscale("log")
+        axes[0][col].set_ylabel("FD_FMNIST (2000 vs 2000)")
+        axes[1][col].set_ylabel("recall (k = 3)")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xlabel("training steps")
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def curve_figure(rows, path):
@@ -235,6 +272,9 @@ def curve_figure(rows, path):
 ADD_FIGURE = [("add", "t1d_full", 1), ("add", "t1d_full", 4), ("add", "adv", 1), ("add", "adv", 4),
               ("add", "pair_full", 1), ("add", "pair_full", 4), ("add", "pair_adv", 1), ("add", "pair_adv", 4)]
 ADD_CURVES = {("add", n) for n in ("t1d_full", "pair_full", "pair_adv", "pairT_full", "dupd4_full")}
+ADD_STEPS = ["pair_adv", "pair_adv_recon", "pair_adv_eq4late", "pair_adv_ode16", "pair_adv_bsim_ode16",
+             "pair_adv_traj", "pair_adv_traj_ema", "pair_full_traj"]   # issue 37's levers of the later steps
+TEACHER_BEST = (51.742, 0.5535)   # the shipped teacher at 64 Heun steps: FD_FMNIST, recall
 FIGURE = [("dmd", "full", 1), ("dmd", "no_reg", 1), ("dmd", "no_dm", 1), ("dmd", "ode32", 1), ("dmd", "ode32_noreg", 1),
           ("add", "full", 1), ("add", "full", 4), ("add", "adv", 1), ("add", "adv", 4), ("add", "distill", 1),
           ("add", "from_dmd", 1), ("add", "teacher_backbone", 1)]

@@ -8,7 +8,10 @@ fits on one 80 GB GPU, from fake tensors (no GPU, no weights). `python benchmark
    autocast, the scripts' default on a GPU; fp32 for the CPU check) and --gradient-checkpointing, at two small
    batches (1 and 2). probe.LiveMemory counts every storage the call creates for as long as it lives: `saved` is
    what the forward leaves for the backward, `extra` the most held at once besides the weights' gradients,
-   `extra_first` with the gradients the call creates (the first micro-batch of a step, after zero_grad).
+   `extra_first` with the gradients the call creates (the first micro-batch of a step, after zero_grad). Why not
+   MemTracker (torch.distributed._tools.mem_tracker): it hooks every parameter (frozen ones refuse the hook) and
+   stops at a root module run twice; why not torch.autograd.graph.saved_tensors_hooks: they see what the
+   backward keeps, not the temporaries and the recomputation of --gradient-checkpointing that make the peak.
    torch.utils.flop_counter.FlopCounterMode counts the FLOPs. All grow linearly in the batch: two batches give the
    line. Traces are cached (WORK/traces.json) and run two at a time (one process per core).
 2. Compose. Weights, gradients and AdamW state are exact counts of the networks' tensors (fp32 weights and
@@ -19,9 +22,10 @@ fits on one 80 GB GPU, from fake tensors (no GPU, no weights). `python benchmark
    of the same sizes beside both.
 
 Only what the tensors hold is planned: the CUDA context (~0.5 GiB), the caching allocator's slack and cuDNN /
-cuBLAS workspaces come on top, hence a 78 GiB budget for an 80 GB card. Attention runs through
-scaled_dot_product_attention's CPU kernel (flash-style: no sequence x sequence matrix kept for the backward), as
-the GPU's flash and memory-efficient kernels do; autocast's CPU op lists stand in for CUDA's.
+cuBLAS workspaces come on top, hence a 78 GiB budget for an 80 GB card. bf16 rows cast as CUDA's autocast does
+(cuda_autocast: its op lists, on the CPU's fake tensors). Attention runs through scaled_dot_product_attention's
+CPU kernel (flash-style: no sequence x sequence matrix kept for the backward), as the GPU's flash and
+memory-efficient kernels do.
 """
 import concurrent.futures
 import contextlib

@@ -29,10 +29,10 @@ def readme_cpu_commands():
 @pytest.mark.slow
 def test_readme_cpu_commands_run_as_written_at_tiny_size(tmp_path):
     """Each command, copied from the README, with only tiny sizes added (fewer steps, samples and pairs), in a fresh
-    folder: every one exits 0, the trainings print the lines that score them, and the scores come out. (add.py runs
-    and then its scoring beside the DMD commands; each chain runs in order.)"""
+    folder: every one exits 0, the trainings print the lines that score them (add.py: its recipe, then its scores at
+    1 and 4 steps), and the scores come out. (add.py runs beside the DMD commands, which run in order.)"""
     cmds = readme_cpu_commands()
-    assert [c.split()[1] for c in cmds] == ["dmd.py", "eval.py", "eval.py", "sample.py", "add.py", "eval.py", "eval.py"]
+    assert [c.split()[1] for c in cmds] == ["dmd.py", "eval.py", "eval.py", "sample.py", "add.py"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def argv(cmd):
@@ -49,15 +49,16 @@ def test_readme_cpu_commands_run_as_written_at_tiny_size(tmp_path):
             outs.append(r.stdout)
         return outs
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:   # ADD and its scoring beside DMD's chain
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:   # ADD (it scores itself) beside DMD's chain
         add = pool.submit(chain, cmds[4:])
         dmd = chain(cmds[:4])
-        add = add.result(timeout=600)
+        add = add.result(timeout=600)[0]
     score = r"FD_FMNIST [0-9.]+ PRECISION [0-9.]+ RECALL [0-9.]+ ACCURACY [0-9.]+"
     assert "score it: python eval.py generate --generator runs/dmd/generator" in dmd[0] and re.search(score, dmd[2])
     assert (tmp_path / "runs" / "dmd" / "sneakers" / "grid.png").exists()
-    assert "score it: for n in 1 4; do python eval.py generate --generator runs/add/student" in add[0]
-    assert re.search(score, add[2])
+    assert "--teacher fmnist: the CPU recipe --loss adv" in add and "--paper-losses" in add
+    for n in ("1 step", "4 steps"):
+        assert re.search(rf"student at {n} \(8 samples vs as many test images\): {score}", add), add
 
 
 def test_a_missing_local_folder_is_named_at_once_by_the_script_called(tmp_path):
