@@ -156,7 +156,12 @@ def parse_args(argv=None):
         p.error("need --steps >= 1, --warmup >= 0 and --max-minutes >= 0")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error("--peak-tflops must be > 0")
-    args.selected = select_rows(args.rows)
+    if args.plan:   # the commands as typed are planned too (plan.default_rows)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import plan
+        args.selected = select_rows(args.rows, ROWS + plan.default_rows())
+    else:
+        args.selected = select_rows(args.rows)
     args.work = os.path.abspath(args.work or os.path.join(ROOT, "runs", "scale-tiny" if args.tiny else "scale"))
     if args.csv is None:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,15 +171,15 @@ def parse_args(argv=None):
     return args
 
 
-def select_rows(spec):
+def select_rows(spec, rows=ROWS):
     """'all' or comma-separated names / shell patterns -> the matching rows, in the table's order."""
     if spec == "all":
-        return list(ROWS)
+        return list(rows)
     pats = [s.strip() for s in spec.split(",") if s.strip()]
     for pat in pats:
-        if not any(fnmatch.fnmatchcase(r.name, pat) for r in ROWS):
-            fail(f"--rows: no row matches {pat!r} (rows: {', '.join(r.name for r in ROWS)})")
-    return [r for r in ROWS if any(fnmatch.fnmatchcase(r.name, pat) for pat in pats)]
+        if not any(fnmatch.fnmatchcase(r.name, pat) for r in rows):
+            fail(f"--rows: no row matches {pat!r} (rows: {', '.join(r.name for r in rows)})")
+    return [r for r in rows if any(fnmatch.fnmatchcase(r.name, pat) for pat in pats)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -556,9 +561,7 @@ def run_plan(args, t_start):
         records = plan.check(work=os.path.join(args.work, "plan-check"), workers=args.workers)
         path, columns = os.path.join(RESULTS, "plan_check.csv"), plan.CHECK_COLUMNS
     else:
-        extra = [r for r in plan.default_rows() if args.rows == "all" or any(
-            fnmatch.fnmatchcase(r.name, pat.strip()) for pat in args.rows.split(","))]
-        records = plan.plan(args.selected + extra, args.tiny, "fp32" if args.tiny else "bf16",
+        records = plan.plan(args.selected, args.tiny, "fp32" if args.tiny else "bf16",
                             os.path.join(args.work, "plan"), args.workers)
         path = os.path.join(args.work, "plan_tiny.csv") if args.tiny else os.path.join(RESULTS, "plan.csv")
         columns = plan.COLUMNS

@@ -65,9 +65,11 @@ def test_a_failing_command_and_the_time_budget_become_statuses(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_plan(tmp_path_factory):
-    """`scale.py --plan --tiny` once (every row, two trace processes): its records and its folder (traces cached)."""
+    """`scale.py --plan --tiny` once (a DMD, an ADD-LoRA, a latency and a default row; one trace process): its
+    records and its folder (the traces cached there)."""
     work = tmp_path_factory.mktemp("plan")
-    return scale.main(["--plan", "--tiny", "--work", str(work), "--workers", "2"]), work
+    rows = "dmd-in64-b336,add-sdxl-b2-lora64,lat-sd15,add-sdxl-default"
+    return scale.main(["--plan", "--tiny", "--rows", rows, "--work", str(work), "--workers", "1"]), work
 
 
 @pytest.mark.slow
@@ -100,7 +102,7 @@ def test_plan_counts_weights_gradients_and_adamw_state_exactly(tiny_plan):
 @pytest.mark.slow
 def test_plan_writes_every_row_marked_planned(tiny_plan):
     records, work = tiny_plan
-    names = [r.name for r in scale.ROWS] + ["dmd-sd15-default", "add-sdxl-default"]
+    names = ["dmd-in64-b336", "add-sdxl-b2-lora64", "lat-sd15", "add-sdxl-default"]
     assert [r["row"] for r in records] == names
     rows = list(csv.DictReader(open(work / "plan_tiny.csv")))
     assert [r["row"] for r in rows] == names and all(r["status"] == "planned (fake tensors)" for r in rows)
