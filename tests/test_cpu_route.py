@@ -15,7 +15,7 @@ import dmd
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dmd.py": "--max-steps 2 --num-pairs 4 --ode-steps 2 --shard-size 4 --batch-size 4 --sample-every 1",
-        "add.py": "--max-steps 2 --batch-size 4 --disc-size 32 --sample-every 1 --pairs 12 --shard-size 12 "
+        "add.py": "--max-steps 2 --batch-size 4 --disc-size 32 --sample-every 1 --pairs 40 --shard-size 40 "
                   "--ode-steps 2 --score-num 8"}
 
 
