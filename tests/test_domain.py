@@ -49,20 +49,21 @@ def test_precision_recall_match_a_brute_force_computation():
 
 
 @pytest.mark.slow
-def test_cli_10k_train_images_against_the_test_set(tmp_path, capsys):
-    """The CLI as the benchmark calls it: 10k real train images score like real data, in under 60 s."""
+def test_cli_5k_train_images_against_5k_test_images(tmp_path, capsys):
+    """The CLI as the benchmark calls it (--ref-num as many as the samples): 5000 real train images score like real
+    data against 5000 test images (FD 1.29 measured; a student's is 50 or more), in under 30 s."""
     x, y = teacher.load_data("fashion-mnist", 0, "train")
-    keep = np.random.default_rng(0).permutation(len(x))[:10000]
+    keep = np.random.default_rng(0).permutation(len(x))[:5000]
     np.savez(tmp_path / "s.npz", images=x[keep], labels=y[keep])
     t0 = time.time()
-    ev.main(["domain", "--samples", str(tmp_path / "s.npz"), "--ref", "fashion-mnist-test"])
+    ev.main(["domain", "--samples", str(tmp_path / "s.npz"), "--ref", "fashion-mnist-test", "--ref-num", "5000"])
     wall = time.time() - t0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     m = re.fullmatch(r"FD_FMNIST ([0-9.]+) PRECISION ([0-9.]+) RECALL ([0-9.]+) ACCURACY ([0-9.]+)", last)
     assert m, last
     fd, p, r, acc = map(float, m.groups())
-    assert fd < 1.0 and p >= 0.6 and r >= 0.6 and acc >= 0.92, last
-    assert wall < 60, f"{wall:.1f} s"
+    assert fd < 2.0 and p >= 0.6 and r >= 0.6 and acc >= 0.92, last
+    assert wall < 30, f"{wall:.1f} s"
 
 
 @pytest.mark.slow
