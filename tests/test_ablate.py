@@ -76,6 +76,9 @@ def test_a_run_scores_every_export_once_and_keeps_other_rows(tmp_path, monkeypat
     assert len(build) == 1 and "dmd_pairs_ode32 " in build[0] and build[0].endswith("--ode-steps 32 --max-steps 0")
     train = [c for c in calls[n:] if c.startswith("dmd.py") and "--max-steps 0" not in c]
     assert "dmd_pairs_ode32 " in train[0] and train[0].endswith("--ode-steps 32 --max-steps 3")
+    ablate.main(["dmd", "few", "--every", "2", "--score-every", "4", *common, "--", "--max-steps", "7"])
+    rows = list(csv.DictReader(open(csv_path)))   # exports at 2, 4, 6 and the final 7: only 4 and 7 scored
+    assert [r["train_steps"] for r in rows if r["name"] == "few"] == ["4", "7"]
 
 
 @pytest.mark.slow
