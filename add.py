@@ -17,9 +17,9 @@ Equation map (paper, equation -> function)
   ADD Eq. 1                 L = L_adv^G + lambda L_distill                       -> train (step 4)
   ADD Eq. 2                 L_adv^G = -E sum_k D_k(F_k(x_hat))                   -> adversarial_generator_loss
   ADD Eq. 3                 hinge loss + gamma R1 on each head's input           -> hinge_discriminator_loss, r1_penalty
-  ADD Eq. 4                 c(t) ||x_hat - sg(x_psi(x_hat_t, t))||^2 (pixels)    -> score_distillation_loss
+  ADD Eq. 4                 c(t) ||x_hat - x_psi(sg(x_hat_t); t)||^2 (pixels)    -> score_distillation_loss
   ADD Sec. 3.3, App. A      c(t): exponential alpha_t, SDS, NFSD                  -> distillation_weight, nfsd_target
-  ADD Sec. 3, Fig. 4        multi-step sampling: re-noise and denoise again      -> sample
+  ADD Sec. 3, Sec. 4.3      multi-step sampling: re-noise and denoise again      -> sample
   LADD, DDIM (Song et al.)  synthetic x_0: the teacher's CFG samples (eta = 0)   -> build_synthetic, teacher_sample
   StyleGAN-T Sec. 3         heads: SN convolutions, local BN, residual / sqrt 2  -> StyleGANTHead, LocalBatchNorm
   ADD Sec. 3.2 (c_img)      c_img; none where x_s holds no x_0 (s = 999: ours)   -> disc_condition
@@ -27,8 +27,9 @@ Equation map (paper, equation -> function)
   LADD Sec. 3               teacher features of x re-noised at t ~ logit-normal  -> TeacherFeatures, disc_timesteps
   DMD Eq. 9 (deviation)     paired term at s = T: ||x_hat(z) - y(z)||^2 (pairs)  -> paired_loss, build_pairs
   EDM Alg. 1 (deviation)    the teacher's ODE through the student's levels:    -> ode_levels, heun_ode_levels,
-                            pairs along it (--pair-steps all), its end from a      Teacher.ode_trajectory, ode_from,
-                            row's own x_s (--anchor ode)                           anchor_target
+                            pairs along it (--pair-steps all), its end from a      teacher_ode_trajectory,
+                            row's own x_s (--anchor ode)                           trajectory_levels, teacher_ode_from,
+                                                                                   anchor_target
   DMD2 Sec. 4.5 (deviation) later steps' inputs from the student's own chain    -> backward_simulation
 
 Reading order: the equations as pure functions, the teacher interface, the discriminator, then train() with its
@@ -192,13 +193,13 @@ class Teacher:
 
     def x0(self, net, x_t, t, cond, res):
         """x_hat_0 of `net` (teacher or student), read with the teacher's own schedule at t."""
-        a, s = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
-        return x0_from_output(self.output(net, x_t, t, cond, res), x_t, a, s, self.prediction_type)
+        a, sig = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
+        return x0_from_output(self.output(net, x_t, t, cond, res), x_t, a, sig, self.prediction_type)
 
     def eps(self, net, x_t, t, cond, res):
         """The noise prediction eps_hat (for NFSD), from any parametrisation."""
-        a, s = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
-        return (x_t - a * self.x0(net, x_t, t, cond, res)) / s
+        a, sig = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
+        return (x_t - a * self.x0(net, x_t, t, cond, res)) / sig
 
     def heun_sample(self, z, cond, steps, uncond=None):
         """The teacher's deterministic ODE sample from noise z: the --lambda-pair pairs' y (teacher_ode_sample); with
@@ -211,14 +212,14 @@ class Teacher:
     def distillation_target(self, x_hat, x_t, t, cond, uncond, negative, weighting, guidance, res):
         """Eq. 4's target x_psi(x_hat_t, t): the teacher's x0 of the re-noised student sample x_t; with guidance (text
         teachers) x0_u + g (x0_c - x0_u); with NFSD weighting its noise-free target (nfsd_target)."""
-        a, s, n = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1), len(x_t)
+        a, sig, n = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1), len(x_t)
 
         def expand(c):
             return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
 
         if weighting == "nfsd":
             e_u, e_c, e_n = (self.eps(self.unet, x_t, t, expand(cc), res) for cc in (uncond, cond, negative))
-            return nfsd_target(x_hat.float(), e_u, e_c, e_n, a, s, t, guidance)
+            return nfsd_target(x_hat.float(), e_u, e_c, e_n, a, sig, t, guidance)
         if self.text and guidance != 1.0:
             x_u = self.x0(self.unet, x_t, t, expand(uncond), res)
             x_c = self.x0(self.unet, x_t, t, cond, res)
@@ -364,7 +365,7 @@ def disc_condition(kind, c_text, c_img, keep_img=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling: 1-4 student steps (ADD Sec. 3, Fig. 4)
+# Sampling: 1-4 student steps (ADD Sec. 3; Sec. 4.3, Fig. 4)
 # ----------------------------------------------------------------------------------------------------------
 def step_subset(timesteps, n):
     """The n of the N student timesteps used for n-step sampling: every (N / n)-th, starting at 999."""
@@ -373,7 +374,7 @@ def step_subset(timesteps, n):
 
 @torch.no_grad()
 def sample(tch, student, z, cond, timesteps, res):
-    """ADD inference: x_hat = student(z, tau_1); then for each later student step s, re-noise
+    """ADD inference: x_hat = student(z, tau_n) (tau_n = 1000, Sec. 3.1); then for each later student step s, re-noise
     x_s = alpha_s x_hat + sigma_s eps (zero-terminal-SNR schedule) and denoise again. Model space out."""
     x, x_hat = z, None
     for i, s in enumerate(timesteps):
@@ -387,8 +388,8 @@ def sample(tch, student, z, cond, timesteps, res):
 @torch.no_grad()
 def backward_simulation(tch, student, z, cond, timesteps, steps, res):
     """--backward-sim (DMD2, arXiv:2405.14867, Sec. 4.5): the input of each row at its later student step as
-    sample() makes it at inference: the student's own chain from pure noise z through timesteps[:k], re-noised at
-    timesteps[k] with fresh noise, no gradient. z: (B, ...), steps: (B,) indices k >= 1 into timesteps -> x_s."""
+    sample() makes it at N-step inference: the student's own chain from pure noise z through timesteps[:k], re-noised
+    at timesteps[k] with fresh noise, no gradient. z: (B, ...), steps: (B,) indices k >= 1 into timesteps -> x_s."""
     x = z.clone()
     for i in range(int(steps.max())):
         live = (steps > i).nonzero()[:, 0]   # rows whose chain goes on past step i
@@ -450,7 +451,7 @@ def train(args, stop=None):
     run.resume(dict(student=student, heads=disc.heads, opt_s=opt_s, opt_d=opt_d, **({"ema": ema} if ema else {})),
                lrs=[(opt_s, None, args.lr, "lr"), (opt_d, None, args.lr_disc, "lr_disc")])
     run_student, run_heads = run.wrap(student, args.compile), run.wrap(disc)
-    uncond, negative, guidance = distillation_prompts(tch, args, device)   # Eq. 4's CFG (text teachers), NFSD
+    uncond, negative, guidance = distillation_prompts(tch, args, device)   # CFG in Eq. 4's target (ours), NFSD
     ts = torch.tensor(args.student_timesteps, device=device)
     z_vis, vis_conds = grid_inputs(data, shape, args, device)   # fixed noise and conditions of the sample grids
 
@@ -808,8 +809,9 @@ def parse_args(argv=None):
         p.error(f"--anchor {args.anchor} with --pair-steps all: every row already has its pair's target")
     if args.anchor == "distill" and args.loss != "adv":
         p.error(f"--anchor distill with --loss {args.loss}: Eq. 4 already acts on every row (use --loss adv)")
-    if args.backward_sim and (args.pair_steps == "all" or args.img_cond_at_noise == "keep"):
-        p.error("--backward-sim makes the later rows' inputs: not with --pair-steps all or --img-cond-at-noise keep")
+    if args.backward_sim and (args.pair_steps == "all" or args.img_cond_at_noise == "keep" or args.anchor == "recon"):
+        p.error("--backward-sim makes the later rows' inputs: not with --pair-steps all, --img-cond-at-noise keep or "
+                "--anchor recon (whose x_0 would not be the input's)")
     if args.lambda_anchor < 0 or not 0 <= args.ema < 1:
         p.error("need --lambda-anchor >= 0 and 0 <= --ema < 1")
     args.anchor_ode_steps = args.anchor_ode_steps or args.ode_steps
@@ -866,7 +868,8 @@ def conditions_of(tch, raw, device):
 
 
 def distillation_prompts(tch, args, device):
-    """Eq. 4's conditionings besides each row's own: the empty prompt (classifier-free guidance; text teachers) and
+    """The distillation target's conditionings besides each row's own: the empty prompt (classifier-free guidance, our
+    addition: --guidance; text teachers) and
     NFSD's negative prompt, and the guidance scale (NFSD: 7.5 when --guidance is left at 1)."""
     uncond = tch.encode_text([""], device) if tch.text else None
     negative = tch.encode_text([NFSD_NEGATIVE], device) if args.distill_weighting == "nfsd" else None
@@ -1027,8 +1030,8 @@ class TeacherFeatures(nn.Module):
 
     def forward(self, x, cond=None, t=None):
         t = disc_timesteps(len(x), len(self.tch.alpha), self.t_mean, x.device) if t is None else t
-        a, s = self.tch.alpha[t].view(-1, 1, 1, 1), self.tch.sigma[t].view(-1, 1, 1, 1)
-        x_t = add_noise(x, torch.randn_like(x), a, s)
+        a, sig = self.tch.alpha[t].view(-1, 1, 1, 1), self.tch.sigma[t].view(-1, 1, 1, 1)
+        x_t = add_noise(x, torch.randn_like(x), a, sig)
         feats = []
 
         def grab(module, inputs, out):
