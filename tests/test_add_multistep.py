@@ -202,7 +202,7 @@ def test_lever_mistakes_are_one_line_exit_2(tiny_add_world, tmp_path, capsys, ca
                                   "every row already has its pair's target"),
                  "anchor_distill": (pix + ["--anchor", "distill"], "Eq. 4 already acts on every row"),
                  "backward_keep": (pix + ["--backward-sim", "--img-cond-at-noise", "keep"], "--backward-sim makes"),
-                 "backward_recon": (pix + ["--backward-sim", "--anchor", "recon"], "whose x_0 would not be the input's"),
+                 "backward_recon": (pix + ["--backward-sim", "--anchor", "recon"], "whose x_0 would not be"),
                  "ema": (pix + ["--ema", "1"], "0 <= --ema < 1"),
                  "anchor_text": (["--teacher", w["sd"], "--data", w["caps"], "--anchor", "ode"], "pixel teachers"),
                  "disc_cond_text": (["--teacher", w["pix"].replace("pix", "pix_uncond"), "--data", w["cls"],
