@@ -191,7 +191,8 @@ def score_all(args, exports, final, run_dir, wall, flags=""):
                     w.writerows(rows)
                 os.replace(args.results + ".tmp", args.results)
     rows = read_rows(args.results)
-    curve_figure(rows, args.results.replace(".csv", "_curves.png"))
+    curve_figure([r for r in rows if not (r["method"] == "add" and r["name"] in ADD_STEPS[1:])],   # those: their own
+                 args.results.replace(".csv", "_curves.png"))
     curve_figure([r for r in rows if (r["method"], r["name"]) in ADD_CURVES],
                  args.results.replace(".csv", "_add_curves.png"))   # the ADD levers' curves alone, readable
     lever_figure(rows, args.results.replace(".csv", "_add_steps.png"))   # issue 37: the later steps' levers
@@ -211,13 +212,13 @@ def lever_figure(rows, path):
     if not runs:
         return
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), squeeze=False)
-    colours = plt.get_cmap("tab10")
+    colours = plt.get_cmap("tab20")
     for k, (name, seed) in enumerate(runs):
         for col, steps in enumerate(("1", "4")):
             pts = sorted((int(r["train_steps"]), float(r["fd_fmnist"]), float(r["recall"])) for r in rows
                          if r["method"] == "add" and r["name"] == name and r["seed"] == seed and
                          r["sampling_steps"] == steps)
-            style = dict(color=colours(ADD_STEPS.index(name) % 10), ls="-" if seed == "0" else "--", marker="o", ms=3,
+            style = dict(color=colours(ADD_STEPS.index(name) % 20), ls="-" if seed == "0" else "--", marker="o", ms=3,
                          label=f"{name}, seed {seed}")
             axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], **style)
             axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], **style)
@@ -279,7 +280,8 @@ ADD_FIGURE = [("add", "t1d_full", 1), ("add", "t1d_full", 4), ("add", "adv", 1),
               ("add", "pair_full", 1), ("add", "pair_full", 4), ("add", "pair_adv", 1), ("add", "pair_adv", 4)]
 ADD_CURVES = {("add", n) for n in ("t1d_full", "pair_full", "pair_adv", "pairT_full", "dupd4_full")}
 ADD_STEPS = ["pair_adv", "pair_adv_recon", "pair_adv_eq4late", "pair_adv_ode16", "pair_adv_bsim_ode16",
-             "pair_adv_traj", "pair_adv_traj_ema", "pair_full_traj", "recipe_p1024"]   # issue 37: the later steps
+             "pair_adv_traj", "pair_adv_traj_ema", "pair_full_traj", "recipe_p1024", "pair_adv_traj_l4",
+             "pair_adv_traj_t04"]   # issue 37: the later steps
 ADD_STEPS_FIGURE = [("add", "pair_adv_recon", 4), ("add", "pair_adv_ode16", 4), ("add", "pair_adv_traj", 1),
                     ("add", "pair_adv_traj", 2), ("add", "pair_adv_traj", 4), ("add", "pair_adv_traj_ema", 4),
                     ("add", "recipe_p1024", 4)]
