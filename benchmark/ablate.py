@@ -191,7 +191,8 @@ def score_all(args, exports, final, run_dir, wall, flags=""):
                     w.writerows(rows)
                 os.replace(args.results + ".tmp", args.results)
     rows = read_rows(args.results)
-    curve_figure([r for r in rows if not (r["method"] == "add" and r["name"] in ADD_STEPS[1:])],   # those: their own
+    curve_figure([r for r in rows if not (r["method"] == "add" and r["name"] in ADD_STEPS and
+                                          (r["method"], r["name"]) not in ADD_CURVES)],   # those: _add_steps.png
                  args.results.replace(".csv", "_curves.png"))
     curve_figure([r for r in rows if (r["method"], r["name"]) in ADD_CURVES],
                  args.results.replace(".csv", "_add_curves.png"))   # the ADD levers' curves alone, readable
@@ -203,7 +204,7 @@ def score_all(args, exports, final, run_dir, wall, flags=""):
 
 
 def lever_figure(rows, path):
-    """ADD_STEPS' runs (seed 0; the recipe's seeds dashed): FD_FMNIST and recall at 1 and 4 sampling steps against
+    """ADD_STEPS' runs (seed 0 solid, seed 1 dashed): FD_FMNIST and recall at 1 and 4 sampling steps against
     training steps, the teacher's best row as a line: whether a lever's four steps keep improving or decay."""
     import matplotlib
     matplotlib.use("Agg")
@@ -213,7 +214,7 @@ def lever_figure(rows, path):
         return
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), squeeze=False)
     colours = plt.get_cmap("tab20")
-    for k, (name, seed) in enumerate(runs):
+    for name, seed in runs:
         for col, steps in enumerate(("1", "4")):
             pts = sorted((int(r["train_steps"]), float(r["fd_fmnist"]), float(r["recall"])) for r in rows
                          if r["method"] == "add" and r["name"] == name and r["seed"] == seed and

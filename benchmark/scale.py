@@ -157,9 +157,7 @@ def parse_args(argv=None):
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error("--peak-tflops must be > 0")
     if args.plan:   # the commands as typed are planned too (plan.default_rows)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import plan
-        args.selected = select_rows(args.rows, ROWS + plan.default_rows())
+        args.selected = select_rows(args.rows, ROWS + plan_module().default_rows())
     else:
         args.selected = select_rows(args.rows)
     args.work = os.path.abspath(args.work or os.path.join(ROOT, "runs", "scale-tiny" if args.tiny else "scale"))
@@ -169,6 +167,13 @@ def parse_args(argv=None):
     if not (args.tiny or args.dry_run or args.plan or args.plan_check or torch.cuda.is_available()):
         p.error("the full-size rows need a CUDA GPU (SDXL alone is 2.6B parameters); on a CPU use --tiny")
     return args
+
+
+def plan_module():
+    """benchmark/plan.py, imported when --plan or --plan-check asks for it (as a script or from the package)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import plan
+    return plan
 
 
 def select_rows(spec, rows=ROWS):
@@ -556,7 +561,7 @@ def write_csv(records, path):
 def run_plan(args, t_start):
     """--plan: the rows planned from fake tensors (plan.plan) to a CSV and a table; --plan-check: real commands on
     this CPU beside their plan (plan.check)."""
-    import plan
+    plan = plan_module()
     if args.plan_check:
         records = plan.check(work=os.path.join(args.work, "plan-check"), workers=args.workers)
         path, columns = os.path.join(RESULTS, "plan_check.csv"), plan.CHECK_COLUMNS
